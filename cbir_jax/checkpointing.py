@@ -1,0 +1,81 @@
+"""Orbax checkpoints of the training state, plus the facts needed to rebuild the model from a run dir.
+
+Parameters and optimizer state are separate items, so evaluation restores the parameters alone, onto
+the head's own structure: a missing, extra or mis-shaped leaf is an error, never a partial load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+MODEL_FILE = "model.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; its message is one line."""
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def manager(run_dir: str | Path, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        Path(run_dir).resolve() / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+    )
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params: Any, train_state: dict[str, Any]) -> None:
+    mngr.save(
+        step,
+        args=ocp.args.Composite(params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state)),
+    )
+
+
+def restore_all(mngr: ocp.CheckpointManager, params_like: Any, train_state_like: dict[str, Any]) -> tuple[Any, Any]:
+    """Parameters and optimizer state of the latest step (for resuming)."""
+    out = mngr.restore(
+        mngr.latest_step(),
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(params_like)),
+            train_state=ocp.args.StandardRestore(_abstract(train_state_like)),
+        ),
+    )
+    return out["params"], out["train_state"]
+
+
+def restore_params(run_dir: str | Path, params_like: Any) -> Any:
+    """The latest parameters of a run, restored exactly onto `params_like`'s structure and shapes."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint={run_dir}: no checkpoints folder")
+    mngr = manager(run_dir, create=False)
+    try:
+        if mngr.latest_step() is None:
+            raise CheckpointError(f"checkpoint={run_dir}: the checkpoints folder is empty")
+        out = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params_like))))
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax reports mismatches with several exception types
+        first = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"checkpoint={run_dir}: parameters do not match the head ({first})") from None
+    finally:
+        mngr.close()
+    return out["params"]
+
+
+def write_model_info(run_dir: str | Path, info: dict[str, Any]) -> None:
+    (Path(run_dir) / MODEL_FILE).write_text(json.dumps(info, indent=2))
+
+
+def read_model_info(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / MODEL_FILE
+    if not path.exists():
+        raise CheckpointError(f"checkpoint={run_dir}: no {MODEL_FILE}; not a finished cbir_jax training run")
+    return json.loads(path.read_text())

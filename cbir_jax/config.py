@@ -1,0 +1,155 @@
+"""Typed config schemas: Hydra validates every composed config against these at start-up.
+
+A typo in a key, an override without `+`, or a value of the wrong type fails before any work is done,
+with Hydra's own message. The YAML files under `configs/` only choose values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@dataclasses.dataclass
+class SplitConfig:
+    # class: heads train on some categories and are evaluated on the others (generalisation);
+    # image: train/eval images drawn from every category; none: train on the gallery itself (self-supervised).
+    by: str = "class"
+    train_fraction: float = 0.5
+    # None: every evaluation image is a query against all the others (leave-one-out).
+    query_fraction: Optional[float] = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    name: str = "embedded"
+    root: Optional[str] = None
+    seed: int = 0
+    views_per_image: int = 8  # embedded: augmented views per source photo
+    max_per_class: Optional[int] = None
+    tfds_split: str = "train"
+    tfds_data_dir: Optional[str] = None
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+
+
+@dataclasses.dataclass
+class BackboneConfig:
+    name: str = "pixels"
+    image_size: int = 32
+    resize: str = "squash"  # squash | center_crop
+    weights: Optional[str] = None  # a state-dict file, for backbones whose weights no package ships
+    layer: Optional[str] = None  # which stage's activations become the feature; None: the last
+    pooling: str = "gap"  # gap | mac | gem | rmac
+    gem_p: float = 3.0
+    rmac_levels: int = 3
+    batch_size: int = 32
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class FeaturesConfig:
+    """Post-processing of backbone features, fitted on the gallery (no labels involved)."""
+
+    l2_normalize: bool = True
+    whiten: str = "none"  # none | pca | pca_whiten
+    whiten_dim: Optional[int] = None
+    cache: bool = True
+
+
+@dataclasses.dataclass
+class LabelsConfig:
+    name: str = "ssim_ratio"
+    image_size: int = 64  # side of the thumbnails SSIM and dHash are computed on
+    grayscale: bool = False
+    ssim_win_size: int = 7
+    hash_size: int = 8
+    # Targets of ratio heuristics are heavy-tailed; `rank` maps them to [0, 1] by their quantile.
+    transform: str = "rank"  # rank | minmax | none
+    eps: float = 1e-3
+
+
+@dataclasses.dataclass
+class PairsConfig:
+    pairs_per_epoch: int = 20000
+    hard_fraction: float = 0.5  # share of difficult pairs: feature-space neighbours
+    hard_k: int = 20  # neighbours a difficult pair is drawn from
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    name: str = "mlp"
+    hidden: list[int] = dataclasses.field(default_factory=lambda: [512])
+    activation: str = "relu"
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class LossConfig:
+    name: str = "mse"  # mse | contrastive | ranking
+    margin: float = 0.5
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 50
+    grad_clip: Optional[float] = 1.0
+    log_every: int = 20
+    checkpoint_every: int = 200  # steps; a checkpoint is also written at the end of every epoch
+    max_to_keep: int = 2
+    resume: bool = False
+    evaluate: bool = True  # evaluate on the held-out split when training ends
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    # auto: the held-out split of the training run when evaluating a checkpoint on its own data,
+    # otherwise every image (each a query against all the others). held_out | all force one.
+    on: str = "auto"
+    k: int = 10
+    query_chunk: int = 256
+    gallery_chunk: int = 8192
+    # Fixed metrics and non-learned re-rankers compared with the trained head in every table.
+    baselines: list[str] = dataclasses.field(
+        default_factory=lambda: ["euclid", "cosine", "ssim", "ssim_ratio"]
+    )
+    figure: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    features: FeaturesConfig = dataclasses.field(default_factory=FeaturesConfig)
+    labels: LabelsConfig = dataclasses.field(default_factory=LabelsConfig)
+    pairs: PairsConfig = dataclasses.field(default_factory=PairsConfig)
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    seed: int = 0
+    cache_dir: str = ".cache/cbir_jax"
+    # evaluate / search: a training run directory whose checkpoint and saved config are used.
+    checkpoint: Optional[str] = None
+    query: Optional[str] = None
+    k: int = 10
+    experiment: Any = None
+
+
+def register_configs() -> None:
+    """Registers the schema that `configs/config.yaml` extends."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+register_configs()

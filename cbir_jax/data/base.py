@@ -1,0 +1,96 @@
+"""One interface for every image source: stable ids, a loader, optional class labels."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cbir_jax.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used at all (missing folder, no images); its message is one line."""
+
+
+class ImageLoadError(ValueError):
+    """One image that cannot be decoded; the caller skips it and counts it."""
+
+
+@dataclasses.dataclass
+class ImageDataset:
+    """Images addressed by index.
+
+    `labels` holds one class index per image, or is None for an unlabelled collection (searchable, not
+    evaluable). `content_key` changes whenever the images do; the feature cache is keyed by it.
+    """
+
+    name: str
+    ids: list[str]
+    load: Callable[[int], np.ndarray]  # index -> uint8 HxWx3
+    labels: Optional[np.ndarray]
+    class_names: list[str]
+    content_key: str
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (id, reason)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+
+# Each entry: build(cfg: DataConfig) -> ImageDataset.
+DATASETS: Registry[Callable[..., ImageDataset]] = Registry("data source")
+
+
+def build_dataset(cfg) -> ImageDataset:
+    dataset = DATASETS.get(cfg.name)(cfg)
+    if len(dataset) == 0:
+        raise DataError(f"data={cfg.name}: the dataset is empty (no readable images)")
+    return dataset
+
+
+def to_rgb_uint8(image: Image.Image) -> np.ndarray:
+    """Converts any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1) to uint8 RGB.
+
+    Alpha is composited on white; 16-bit and float images are rescaled from their own value range,
+    since their nominal range (0..65535) rarely matches the data.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        image = Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def load_image_file(path: str) -> np.ndarray:
+    """Decodes an image file fully to uint8 RGB, raising ImageLoadError with a one-line reason."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb_uint8(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+def hash_strings(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]

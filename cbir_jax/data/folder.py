@@ -1,0 +1,55 @@
+"""`data=folder data.root=PATH`: any folder of images; one sub-folder per class gives labels."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cbir_jax.data.base import DATASETS, DataError, ImageDataset, hash_strings, load_image_file
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+@DATASETS.register("folder")
+def build(cfg) -> ImageDataset:
+    if not cfg.root:
+        raise DataError("data=folder needs data.root=PATH (a folder of images, one sub-folder per class)")
+    root = Path(os.path.expanduser(cfg.root)).resolve()
+    if not root.is_dir():
+        raise DataError(f"data.root={cfg.root}: no such folder")
+    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not _is_hidden(d)), key=lambda d: d.name)
+    loose = sorted(f for f in root.iterdir() if f.is_file() and not _is_hidden(f))
+    if class_dirs and loose:
+        raise DataError(
+            f"data.root={cfg.root}: mixes {len(loose)} loose files with {len(class_dirs)} class folders; "
+            "use one layout (class sub-folders, or a flat folder)"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    if class_dirs:
+        for c, d in enumerate(class_dirs):
+            members = sorted(f for f in d.rglob("*") if f.is_file() and not any(map(_is_hidden, f.relative_to(d).parents)) and not _is_hidden(f))
+            if cfg.max_per_class:
+                members = members[: cfg.max_per_class]
+            files += members
+            labels += [c] * len(members)
+    else:
+        files = loose
+    if not files:
+        raise DataError(f"data.root={cfg.root}: no files found")
+    ids = [str(f.relative_to(root)) for f in files]
+    stats = [f.stat() for f in files]
+    key = hash_strings("folder", str(root), *(f"{i}:{s.st_size}:{s.st_mtime_ns}" for i, s in zip(ids, stats)))
+    paths = [str(f) for f in files]
+    return ImageDataset(
+        name=f"folder:{root.name}",
+        ids=ids,
+        load=lambda i: load_image_file(paths[i]),
+        labels=np.asarray(labels, np.int32) if class_dirs else None,
+        class_names=[d.name for d in class_dirs],
+        content_key=key,
+    )

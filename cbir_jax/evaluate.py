@@ -1,0 +1,167 @@
+"""`python -m cbir_jax.evaluate [checkpoint=RUN_DIR] [data=folder data.root=DIR]`
+
+Compares the trained head (if a checkpoint is given) with the fixed metrics and re-rankers on the same
+queries and gallery; prints one table and writes `metrics.json` ({scorer: {metric: value}}).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import jax
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from cbir_jax import checkpointing, figures, heads, postprocess, scorers
+from cbir_jax.cli import run_dir, run_or_exit, to_typed
+from cbir_jax.config import CONFIG_DIR, Config
+from cbir_jax.data import DataError
+from cbir_jax.evaluation import evaluate_scorer, format_table
+from cbir_jax.pipeline import Stage, load_stage
+from cbir_jax.registry import UnknownComponentError
+
+log = logging.getLogger(__name__)
+
+
+def baseline_scorer(name: str) -> scorers.Scorer:
+    """A fixed metric or a non-learned re-ranker, by name."""
+    if name in heads.FIXED_METRICS:
+        return scorers.fixed_scorer(name)
+    from cbir_jax import rerank
+
+    if name in rerank.RERANKERS:
+        return rerank.build_reranker(name)
+    valid = sorted(heads.FIXED_METRICS) + rerank.RERANKERS.names()
+    raise UnknownComponentError(f"unknown baseline {name!r} in eval.baselines; valid: {', '.join(valid)}")
+
+
+def evaluate_stage(
+    cfg: Config, stage: Stage, learned: dict[str, scorers.Scorer], out_dir: Path
+) -> dict[str, dict[str, float]]:
+    """Evaluates learned scorers and the configured baselines on the stage's queries and gallery."""
+    fs, split = stage.features, stage.split
+    labels = fs.labels
+    if labels is None:
+        raise DataError(f"{fs.dataset.name}: no class labels (a flat folder); it is searchable but not evaluable")
+    post = postprocess.fit(cfg.features, fs.features[split.gallery])
+    gallery, queries = postprocess.apply(post, fs.features[split.gallery]), postprocess.apply(post, fs.features[split.query])
+    all_scorers = dict(learned)
+    for name in cfg.eval.baselines:
+        if name not in all_scorers:
+            all_scorers[name] = baseline_scorer(name)
+    results: dict[str, dict[str, float]] = {}
+    for name, scorer in all_scorers.items():
+        results[name] = evaluate_scorer(
+            scorer, queries, gallery, labels[split.query], labels[split.gallery], split.self_index,
+            query_chunk=cfg.eval.query_chunk, gallery_chunk=cfg.eval.gallery_chunk,
+        )
+    table = format_table(results, title=f"{fs.dataset.name} · {stage.backbone.name} · {len(split.query)} queries × {len(split.gallery)} gallery")
+    print(table, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "metrics.md").write_text(table + "\n")
+    if cfg.eval.figure:
+        _figure(cfg, stage, all_scorers, queries, gallery, labels, out_dir / "topk.png")
+    return results
+
+
+def _figure(cfg, stage, all_scorers, queries, gallery, labels, path: Path) -> None:
+    """Top-k of the first query under each scorer, side by side (the seed's figure, for every scorer)."""
+    import jax.numpy as jnp
+
+    from cbir_jax import ranking
+
+    fs, split = stage.features, stage.split
+    k = cfg.eval.k
+    rows = {}
+    for name, scorer in all_scorers.items():
+        state = scorer.prepare(jnp.asarray(gallery))
+        s, idx = ranking.top_k(scorer, state, jnp.asarray(queries[:1]), k=k, self_index=jnp.asarray(split.self_index[:1], jnp.int32), exclude_self=True) if scorer.chunkable else _dense_top_k(scorer, state, queries[:1], split.self_index[:1], k)
+        rows[name] = [
+            (fs.image(split.gallery[i]), float(v), bool(labels[split.gallery[i]] == labels[split.query[0]]))
+            for v, i in zip(np.asarray(s)[0], np.asarray(idx)[0]) if i >= 0
+        ]
+    figures.topk_grid(fs.image(split.query[0]), rows, path, title=fs.ids[split.query[0]])
+
+
+def _dense_top_k(scorer, state, queries, self_index, k):
+    import jax.numpy as jnp
+
+    from cbir_jax import ranking
+
+    s = np.asarray(ranking.score_all(scorer, state, jnp.asarray(queries), jnp.asarray(self_index, jnp.int32)))
+    for r, si in enumerate(self_index):
+        if si >= 0:
+            s[r, si] = -np.inf
+    idx = np.argsort(-s, axis=1)[:, :k]
+    return np.take_along_axis(s, idx, 1), idx
+
+
+# Keys always taken from today's command line, not from the training run.
+_RUNTIME_KEYS = ("eval", "cache_dir", "query", "k", "checkpoint")
+
+
+def load_trained(run: Path, cfg_now: DictConfig, overridden: frozenset[str] = frozenset()) -> tuple[Config, dict[str, Any]]:
+    """The training run's saved config, with the top-level keys the user set today (e.g. `data`) replaced."""
+    saved_path = run / ".hydra" / "config.yaml"
+    if not saved_path.exists():
+        raise checkpointing.CheckpointError(f"checkpoint={run}: no .hydra/config.yaml; not a cbir_jax run directory")
+    info = checkpointing.read_model_info(run)
+    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved_path))
+    for key in set(_RUNTIME_KEYS) | set(overridden):
+        saved[key] = cfg_now[key]
+    return OmegaConf.to_object(saved), info
+
+
+def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -> scorers.Scorer:
+    """The run's head with its restored parameters; checks the features match what it was trained on."""
+    if info["backbone_fingerprint"] != stage.backbone.fingerprint:
+        raise checkpointing.CheckpointError(
+            f"checkpoint={run} was trained on {info['backbone']} features "
+            f"(size {info['backbone_feature_dim']}), not on {stage.backbone.name} (size {stage.backbone.feature_dim})"
+        )
+    head = heads.build_head(cfg.head)
+    dim = int(info["feature_dim"])
+    params = {}
+    if heads.is_learned(cfg.head.name):
+        like = heads.init_params(head, dim, jax.random.key(0))
+        params = checkpointing.restore_params(run, like)
+    return scorers.pair_scorer(cfg.head.name, head, params)
+
+
+def overridden_keys() -> frozenset[str]:
+    """Top-level config keys the user set on this command line (`data=folder` -> {"data"})."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return frozenset(o.lstrip("+~").split("=")[0].split(".")[0] for o in HydraConfig.get().overrides.task)
+
+
+def evaluate(cfg_dict: DictConfig, out_dir: Path, overridden: frozenset[str] = frozenset()) -> dict[str, dict[str, float]]:
+    """Evaluates a checkpoint (or, without one, the fixed metrics alone) on the configured data."""
+    cfg = to_typed(cfg_dict)
+    learned: dict[str, scorers.Scorer] = {}
+    if cfg.checkpoint:
+        run = Path(cfg.checkpoint)
+        cfg, info = load_trained(run, cfg_dict, overridden)
+        on = cfg.eval.on if cfg.eval.on != "auto" else ("all" if "data" in overridden else "held_out")
+        stage = load_stage(cfg, split_by="none" if on == "all" else None)
+        learned[cfg.head.name] = trained_scorer(cfg, run, info, stage)
+    else:
+        on = "held_out" if cfg.eval.on == "held_out" else "all"
+        stage = load_stage(cfg, split_by="none" if on == "all" else None)
+    return evaluate_stage(cfg, stage, learned, out_dir)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    results = run_or_exit(lambda: evaluate(cfg, run_dir(), overridden_keys()))
+    first = next(iter(results.values()))
+    return first["map_at_r"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Evaluates scorers on the same queries and gallery, so every row of a table is comparable."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from cbir_jax import ranking
+from cbir_jax.metrics import METRIC_NAMES, MetricAccumulator
+from cbir_jax.scorers import Scorer
+
+
+def evaluate_scorer(
+    scorer: Scorer,
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    self_index: np.ndarray,
+    *,
+    query_chunk: int = 256,
+    gallery_chunk: int = 8192,
+) -> dict[str, float]:
+    """Full-ranking metrics of one scorer; relevance = same label; the self-match is excluded."""
+    state = scorer.prepare(jnp.asarray(gallery))
+    acc = MetricAccumulator()
+    n = len(queries)
+    for start in tqdm(range(0, n, query_chunk), desc=f"eval {scorer.name}", unit="chunk", leave=False, mininterval=2.0):
+        stop = min(start + query_chunk, n)
+        q = np.zeros((query_chunk,) + queries.shape[1:], queries.dtype)
+        q[: stop - start] = queries[start:stop]  # fixed shape: one compilation per scorer
+        si = np.full(query_chunk, -1, np.int32)
+        si[: stop - start] = self_index[start:stop]
+        scores = np.asarray(ranking.score_all(scorer, state, jnp.asarray(q), jnp.asarray(si), chunk=gallery_chunk))
+        relevant = query_labels[start:stop, None] == gallery_labels[None, :]
+        acc.add(scores[: stop - start], relevant, self_index[start:stop])
+    return acc.result()
+
+
+def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
+    """A markdown table: one row per scorer, one column per metric."""
+    header = "| scorer | " + " | ".join(METRIC_NAMES) + " | queries |"
+    lines = ([f"**{title}**", ""] if title else []) + [header, "|" + "---|" * (len(METRIC_NAMES) + 2)]
+    for name, m in results.items():
+        cells = [("nan" if math.isnan(m[k]) else f"{m[k]:.4f}") for k in METRIC_NAMES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m.get('queries', '')} |")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Pair targets (`labels=`): cheap heuristics that say how similar two images are, no human labels.
+
+Every target is "higher = more similar". Ratio heuristics are heavy-tailed, so targets go through a
+monotone `transform` (rank -> quantile in [0, 1] by default) before regression.
+Only `class` reads class labels; the others see thumbnails and features alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from cbir_jax import heuristics
+from cbir_jax.registry import Registry
+
+
+@dataclasses.dataclass
+class PairContext:
+    """What heuristics may look at; `class_labels` is a callable so labels are read only on demand."""
+
+    features: np.ndarray  # (N, D) post-processed features
+    thumbnails: np.ndarray  # (N, S, S, 3) uint8
+    class_labels: Callable[[], Optional[np.ndarray]]
+    cfg: object  # LabelsConfig
+    _cache: dict = dataclasses.field(default_factory=dict)
+
+    def images(self) -> np.ndarray:
+        if "images" not in self._cache:
+            x = self.thumbnails.astype(np.float32)
+            if self.cfg.grayscale:  # ITU-R 601 luma, as PIL's "L"
+                x = x @ np.array([0.299, 0.587, 0.114], np.float32)
+            self._cache["images"] = jnp.asarray(x)
+        return self._cache["images"]
+
+    def hashes(self) -> np.ndarray:
+        if "hashes" not in self._cache:
+            self._cache["hashes"] = heuristics.dhash(self.thumbnails, hash_size=self.cfg.hash_size)
+        return self._cache["hashes"]
+
+    def distance_scale(self) -> float:
+        """Median distance of random pairs: makes euclidean distances unit-free."""
+        if "scale" not in self._cache:
+            rng = np.random.default_rng(0)
+            i, j = rng.integers(0, len(self.features), (2, 2048))
+            d = np.linalg.norm(self.features[i] - self.features[j], axis=-1)
+            self._cache["scale"] = float(np.median(d[i != j])) or 1.0
+        return self._cache["scale"]
+
+
+PAIR_LABELS: Registry[Callable[[PairContext, np.ndarray, np.ndarray], np.ndarray]] = Registry("pair label")
+
+
+def _ssim(ctx: PairContext, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    images = ctx.images()
+    return np.asarray(heuristics.ssim_pairs(images[i], images[j], win_size=ctx.cfg.ssim_win_size, data_range=255.0))
+
+
+def _distance(ctx: PairContext, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(ctx.features[i] - ctx.features[j], axis=-1) / ctx.distance_scale()
+
+
+@PAIR_LABELS.register("ssim")
+def ssim_label(ctx, i, j):
+    return _ssim(ctx, i, j)
+
+
+@PAIR_LABELS.register("euclid")
+def euclid_label(ctx, i, j):
+    return -_distance(ctx, i, j)
+
+
+@PAIR_LABELS.register("ssim_ratio")
+def ssim_ratio_label(ctx, i, j):
+    # The seed's best heuristic: image SSIM per unit of feature distance.
+    return _ssim(ctx, i, j) / (_distance(ctx, i, j) + ctx.cfg.eps)
+
+
+@PAIR_LABELS.register("ssim_dhash")
+def ssim_dhash_label(ctx, i, j):
+    hashes = ctx.hashes()
+    hamming = np.asarray(heuristics.hamming(hashes[i], hashes[j]), np.float32)
+    return _ssim(ctx, i, j) / (hamming + 1.0)  # +1: identical hashes must not divide by zero
+
+
+@PAIR_LABELS.register("class")
+def class_label(ctx, i, j):
+    y = ctx.class_labels()
+    if y is None:
+        raise ValueError("labels=class needs class labels; this dataset has none (use a heuristic label)")
+    return (y[i] == y[j]).astype(np.float32)
+
+
+def transform_targets(name: str, t: np.ndarray) -> np.ndarray:
+    """Monotone map of raw targets into a range a regression head can fit."""
+    t = np.asarray(t, np.float64)
+    if name == "none":
+        return t.astype(np.float32)
+    if name == "rank":
+        order = np.argsort(np.argsort(t, kind="stable"), kind="stable")
+        return (order / max(len(t) - 1, 1)).astype(np.float32)
+    if name == "minmax":
+        lo, hi = t.min(), t.max()
+        return ((t - lo) / (hi - lo) if hi > lo else np.zeros_like(t)).astype(np.float32)
+    raise ValueError(f"labels.transform={name!r}: valid are rank, minmax, none")
+
+
+def pair_targets(ctx: PairContext, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    raw = PAIR_LABELS.get(ctx.cfg.name)(ctx, i, j)
+    return transform_targets(ctx.cfg.transform, raw)

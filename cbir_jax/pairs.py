@@ -1,0 +1,34 @@
+"""Pair sampling: easy pairs (uniformly random) mixed with difficult ones (feature-space neighbours)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from cbir_jax import ranking, scorers
+
+
+def neighbours(features: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) cosine nearest neighbours of every row, itself excluded."""
+    k = min(k, len(features) - 1)
+    scorer = scorers.fixed_scorer("cosine")
+    state = scorer.prepare(jnp.asarray(features))
+    idx = []
+    for start in range(0, len(features), 1024):
+        q = jnp.asarray(features[start : start + 1024])
+        self_index = jnp.arange(start, start + q.shape[0], dtype=jnp.int32)
+        idx.append(np.asarray(ranking.top_k(scorer, state, q, k=k, self_index=self_index, exclude_self=True)[1]))
+    return np.concatenate(idx)
+
+
+def sample_pairs(
+    rng: np.random.Generator, n: int, num_pairs: int, hard_fraction: float, nbrs: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (i, j), i != j: a `hard_fraction` share with j among i's neighbours, the rest random."""
+    n_hard = int(round(hard_fraction * num_pairs)) if nbrs is not None else 0
+    i = rng.integers(0, n, num_pairs)
+    j = (i + rng.integers(1, n, num_pairs)) % n  # uniform over the other rows
+    if n_hard:
+        j[:n_hard] = nbrs[i[:n_hard], rng.integers(0, nbrs.shape[1], n_hard)]
+    perm = rng.permutation(num_pairs)
+    return i[perm], j[perm]

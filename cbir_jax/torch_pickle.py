@@ -1,0 +1,393 @@
+"""Reads (and writes) PyTorch state-dict files without importing torch.
+
+Why: the library must run where torch is not installed, and a `.pth` file is a pickle, which can run any
+code when loaded naively. Only the handful of globals a state dict needs are allowed; everything else
+raises `UnsafeCheckpointError` before it is constructed, so loading never executes code from the file.
+
+Both serialisation formats are read:
+- zip (torch >= 1.6 default): `<prefix>/data.pkl` plus one raw file per storage under `<prefix>/data/`;
+- legacy (`_use_new_zipfile_serialization=False`): five consecutive pickles (magic number, protocol
+  version, system info, the object, the list of storage keys), then each storage as an int64 element
+  count followed by its raw bytes.
+
+The writer (`save_state_dict`) produces files `torch.load` reads; tests and users use it to hand-build
+checkpoints without torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+from typing import Any, BinaryIO, Callable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds something a plain state dict never holds (possibly code); it was not loaded."""
+
+
+# Storage class name -> numpy dtype of its elements.
+_STORAGE_DTYPES: dict[str, np.dtype] = {
+    "DoubleStorage": np.dtype("<f8"),
+    "FloatStorage": np.dtype("<f4"),
+    "HalfStorage": np.dtype("<f2"),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"),
+    "ShortStorage": np.dtype("<i2"),
+    "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"),
+    "BoolStorage": np.dtype("?"),
+    "UntypedStorage": np.dtype("u1"),
+}
+# torch dtype globals (used by _rebuild_tensor_v3) -> the storage name with that element type.
+_TORCH_DTYPES: dict[str, str] = {
+    "float64": "DoubleStorage",
+    "float32": "FloatStorage",
+    "float16": "HalfStorage",
+    "bfloat16": "BFloat16Storage",
+    "int64": "LongStorage",
+    "int32": "IntStorage",
+    "int16": "ShortStorage",
+    "int8": "CharStorage",
+    "uint8": "ByteStorage",
+    "bool": "BoolStorage",
+}
+
+
+class _Sealed:
+    """Objects the pickle may reference but never modify (its BUILD opcode would call __setstate__).
+
+    Several are shared by every load, so a file must not be able to change them for the next one.
+    """
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeCheckpointError(f"checkpoint tries to set the state of {type(self).__name__}")
+
+
+class _Call(_Sealed):
+    """An allow-listed torch function, as a sealed callable."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class _StorageType(_Sealed):
+    """Stands in for `torch.FloatStorage` & co.: only carries the element dtype."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dtype = _STORAGE_DTYPES[name]
+
+
+class _Storage(_Sealed):
+    """A storage whose bytes may arrive after the pickle that references it (legacy format)."""
+
+    def __init__(self, dtype: np.dtype, numel: int) -> None:
+        self.dtype = dtype
+        self.numel = numel
+        self.data: np.ndarray | None = None
+        self.view_of: tuple[_Storage, int] | None = None  # (root, element offset) for legacy views
+
+    def array(self) -> np.ndarray:
+        if self.view_of is not None:
+            root, offset = self.view_of
+            return root.array()[offset : offset + self.numel]
+        if self.data is None:
+            raise ValueError("checkpoint is truncated: a storage's data is missing")
+        return self.data
+
+
+class _LazyTensor(_Sealed):
+    """A tensor view on a `_Storage`, materialised once every storage has been read."""
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
+
+    def materialise(self) -> np.ndarray:
+        flat = self.storage.array()
+        ints = all(isinstance(v, int) and v >= 0 for v in (*self.size, *self.stride))
+        if not ints or len(self.size) != len(self.stride):  # as_strided must never leave the buffer
+            raise ValueError("checkpoint is corrupt: a tensor has invalid sizes or strides")
+        if any(n == 0 for n in self.size):
+            return np.zeros(self.size, flat.dtype)
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+        if self.offset < 0 or last >= flat.size:
+            raise ValueError("checkpoint is corrupt: a tensor reaches outside its storage")
+        item = flat.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            flat[self.offset :], shape=self.size, strides=[s * item for s in self.stride], writeable=False
+        )
+        return np.array(view)  # a contiguous copy that owns its memory
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> _LazyTensor:
+    """torch._utils._rebuild_tensor(_v2): requires_grad, hooks and metadata do not matter for inference."""
+    if not isinstance(storage, _Storage):
+        raise UnsafeCheckpointError("tensor built from something other than a storage")
+    return _LazyTensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *_ignored):
+    """torch._utils._rebuild_tensor_v3: the dtype travels with the tensor instead of the storage."""
+    if not isinstance(dtype, _StorageType):
+        raise UnsafeCheckpointError("tensor dtype is not a torch dtype")
+    storage.dtype = dtype.dtype
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, hooks, *_ignored) -> Any:
+    """torch._utils._rebuild_parameter(_with_state): a Parameter is just its tensor here."""
+    return data
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _Call(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v2"): _Call(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v3"): _Call(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): _Call(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Call(_rebuild_parameter),
+}
+_ALLOWED.update({("torch", name): _StorageType(name) for name in _STORAGE_DTYPES})
+_ALLOWED.update({("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage")})
+_ALLOWED.update({("torch", d): _StorageType(s) for d, s in _TORCH_DTYPES.items()})
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Resolves only allow-listed globals; storages come from `storages` keyed by their id in the file."""
+
+    def __init__(self, file: BinaryIO, source: str, storages: dict[str, _Storage], read_storage) -> None:
+        super().__init__(file, encoding="utf-8")
+        self._source = source
+        self._storages = storages
+        self._read_storage = read_storage  # (key, dtype, numel) -> _Storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"refusing to load {self._source}: it references {module}.{name}, which is not part of a "
+                "plain PyTorch state dict"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise UnsafeCheckpointError(f"refusing to load {self._source}: unknown persistent id {pid!r:.60}")
+        storage_type, key, _location, numel = pid[1:5]
+        if not isinstance(storage_type, _StorageType):
+            raise UnsafeCheckpointError(f"refusing to load {self._source}: storage type is not a torch storage")
+        key = str(key)
+        if key not in self._storages:
+            self._storages[key] = self._read_storage(key, storage_type.dtype, int(numel))
+        storage = self._storages[key]
+        view = pid[5] if len(pid) > 5 else None
+        if view is None:
+            return storage
+        view_key, offset, view_numel = view  # legacy storage views: a slice of the root storage
+        if view_key not in self._storages:
+            sub = _Storage(storage_type.dtype, int(view_numel))
+            sub.view_of = (storage, int(offset))
+            self._storages[view_key] = sub
+        return self._storages[view_key]
+
+
+def _resolve(obj: Any) -> Any:
+    """Replaces every lazy tensor inside dicts, lists and tuples by its numpy array."""
+    if isinstance(obj, _LazyTensor):
+        return obj.materialise()
+    if isinstance(obj, dict):
+        return type(obj)((k, _resolve(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_resolve(v) for v in obj)
+    return obj
+
+
+def _byteswapped(dtype: np.dtype, little: bool) -> np.dtype:
+    return dtype if little else dtype.newbyteorder(">")
+
+
+def _load_zip(path: str) -> Any:
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkl) != 1:
+            raise ValueError(f"{path} is a zip file but not a PyTorch checkpoint (no <prefix>/data.pkl)")
+        prefix = pkl[0][: -len("data.pkl")]
+        little = True
+        if prefix + "byteorder" in names:
+            little = zf.read(prefix + "byteorder").decode().strip() == "little"
+
+        # Bytes are attached after unpickling: a v3 tensor sets its storage's dtype only when rebuilt.
+        storages: dict[str, _Storage] = {}
+        with zf.open(pkl[0]) as f:
+            obj = _SafeUnpickler(f, path, storages, lambda key, dtype, numel: _Storage(dtype, numel)).load()
+        for key, storage in storages.items():
+            if storage.view_of is None:
+                raw = zf.read(f"{prefix}data/{key}")
+                storage.data = np.frombuffer(raw, _byteswapped(storage.dtype, little)).astype(
+                    storage.dtype, copy=False
+                )
+    return _resolve(obj)
+
+
+def _load_legacy(path: str) -> Any:
+    with open(path, "rb") as f:
+        header = _SafeUnpickler(f, path, {}, None)
+        if header.load() != LEGACY_MAGIC:
+            raise ValueError(f"{path} is not a PyTorch checkpoint (bad magic number)")
+        if header.load() != LEGACY_PROTOCOL_VERSION:
+            raise ValueError(f"{path}: unsupported legacy PyTorch protocol version")
+        sys_info = header.load()
+        little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
+        storages: dict[str, _Storage] = {}
+        obj = _SafeUnpickler(f, path, storages, lambda key, dtype, numel: _Storage(dtype, numel)).load()
+        keys = _SafeUnpickler(f, path, {}, None).load()
+        for key in keys:
+            storage = storages[str(key)]
+            (numel,) = struct.unpack("<q" if little else ">q", f.read(8))
+            nbytes = numel * storage.dtype.itemsize
+            raw = f.read(nbytes)
+            if len(raw) != nbytes:
+                raise ValueError(f"{path} is truncated")
+            storage.numel = numel
+            storage.data = np.frombuffer(raw, _byteswapped(storage.dtype, little)).astype(storage.dtype, copy=False)
+    return _resolve(obj)
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Loads a `torch.save`d object made of dicts, lists, tuples, scalars and tensors (as numpy arrays)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        return _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    except (UnsafeCheckpointError, ValueError):
+        raise
+    except Exception as error:  # malformed pickles fail in many ways; none of them runs file code
+        raise ValueError(f"{path} is not a valid PyTorch checkpoint: {type(error).__name__}: {error}") from error
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads a state dict (name -> tensor) as numpy arrays; a {"state_dict": ...} wrapper is unwrapped."""
+    obj = load(path)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()
+    ):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+# ----------------------------------------------------------------------------------------------- writer
+
+
+class _Global:
+    """A reference to a torch global, written by name; torch itself is never imported."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # save_reduce insists on a callable
+        raise TypeError("placeholder only")
+
+
+_REBUILD = _Global("torch._utils", "_rebuild_tensor_v2")
+_ORDERED_DICT = _Global("collections", "OrderedDict")
+_STORAGE_NAMES = {dtype: name for name, dtype in _STORAGE_DTYPES.items() if name != "UntypedStorage"}
+
+
+class _WrittenStorage:
+    def __init__(self, key: str, array: np.ndarray) -> None:
+        self.key, self.array = key, array
+
+
+class _Writer(pickle._Pickler):  # the pure-Python pickler lets us emit globals by name
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_global(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+
+    dispatch[_Global] = _save_global
+
+    def __init__(self, file: BinaryIO, legacy: bool) -> None:
+        super().__init__(file, protocol=2)
+        self.legacy = legacy
+        self.storages: list[_WrittenStorage] = []
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _WrittenStorage):
+            name = _STORAGE_NAMES[obj.array.dtype]
+            pid = ("storage", _Global("torch", name), obj.key, "cpu", obj.array.size)
+            return pid + (None,) if self.legacy else pid  # legacy ids carry view metadata
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            array = np.asarray(obj, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
+            if array.dtype.byteorder == ">":
+                array = array.astype(array.dtype.newbyteorder("<"))
+            if array.dtype not in _STORAGE_NAMES:
+                raise TypeError(f"no torch storage type for dtype {array.dtype}")
+            storage = _WrittenStorage(str(len(self.storages)), array)
+            self.storages.append(storage)
+            stride = tuple(s // array.itemsize for s in array.strides) if array.ndim else ()
+            hooks = _Reduced(_ORDERED_DICT, ())
+            return _REBUILD, (storage, 0, tuple(array.shape), stride, False, hooks)
+        if isinstance(obj, _Reduced):
+            return obj.func, obj.args
+        if isinstance(obj, collections.OrderedDict):
+            return _ORDERED_DICT, (), None, None, iter(obj.items())
+        return NotImplemented
+
+
+class _Reduced:
+    def __init__(self, func: _Global, args: tuple) -> None:
+        self.func, self.args = func, args
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, legacy: bool = False) -> None:
+    """Writes name -> array as a PyTorch state dict (zip format, or the legacy format if `legacy`)."""
+    path = os.fspath(path)
+    body = io.BytesIO()
+    writer = _Writer(body, legacy)
+    writer.dump(collections.OrderedDict((str(k), np.asarray(v)) for k, v in state_dict.items()))
+    if legacy:
+        with open(path, "wb") as f:
+            for header in (LEGACY_MAGIC, LEGACY_PROTOCOL_VERSION,
+                           {"protocol_version": LEGACY_PROTOCOL_VERSION, "little_endian": True,
+                            "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+                pickle.dump(header, f, protocol=2)
+            f.write(body.getvalue())
+            pickle.dump([s.key for s in writer.storages], f, protocol=2)
+            for s in writer.storages:
+                f.write(struct.pack("<q", s.array.size))
+                f.write(s.array.tobytes())
+        return
+    prefix = os.path.splitext(os.path.basename(path))[0] or "archive"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{prefix}/data.pkl", body.getvalue())
+        zf.writestr(f"{prefix}/byteorder", "little")
+        for s in writer.storages:
+            zf.writestr(f"{prefix}/data/{s.key}", s.array.tobytes())
+        zf.writestr(f"{prefix}/version", "3\n")

@@ -1,0 +1,112 @@
+"""The training loop: sampled pairs, heuristic targets, one jitted Optax step, Orbax checkpoints.
+
+Reproducible and resumable: epoch e's pairs come from a generator seeded with (seed, e), so a resumed
+run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cbir_jax import checkpointing, heads, losses, pair_labels, pairs
+from cbir_jax.registry import Registry
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
+OPTIMIZERS.register("adamw")(lambda lr, cfg: optax.adamw(lr, weight_decay=cfg.weight_decay))
+OPTIMIZERS.register("adam")(lambda lr, cfg: optax.adam(lr))
+OPTIMIZERS.register("sgd")(lambda lr, cfg: optax.sgd(lr, momentum=0.9))
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    if cfg.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, cfg.learning_rate, min(cfg.warmup_steps, max(total_steps - 1, 0)), max(total_steps, 1)
+        )
+    elif cfg.schedule == "constant":
+        lr = cfg.learning_rate
+    else:
+        raise ValueError(f"train.schedule={cfg.schedule!r}: valid are cosine, constant")
+    opt = OPTIMIZERS.get(cfg.optimizer)(lr, cfg)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt) if cfg.grad_clip else opt
+
+
+def make_train_step(head: nn.Module, tx: optax.GradientTransformation, loss_fn) -> Callable:
+    @jax.jit
+    def step(params, opt_state, features, i, j, targets):
+        def objective(p):
+            return loss_fn(head.apply({"params": p}, features[i], features[j]), targets)
+
+        loss, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def train_head(
+    cfg, head: nn.Module, features: np.ndarray, context: pair_labels.PairContext, run_dir: Path
+) -> dict[str, Any]:
+    """Trains `head` on pairs of `features` rows; returns the final parameters."""
+    params = heads.init_params(head, features.shape[1], jax.random.key(cfg.seed))
+    n = len(features)
+    batch = min(cfg.train.batch_size, cfg.pairs.pairs_per_epoch)
+    steps_per_epoch = max(1, cfg.pairs.pairs_per_epoch // batch)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    tx = make_optimizer(cfg.train, total_steps)
+    opt_state = tx.init(params)
+    step_fn = make_train_step(head, tx, losses.get_loss(cfg.loss))
+    nbrs = pairs.neighbours(features, cfg.pairs.hard_k) if cfg.pairs.hard_fraction > 0 else None
+
+    mngr = checkpointing.manager(run_dir, cfg.train.max_to_keep)
+    step = 0
+    if cfg.train.resume and mngr.latest_step() is not None:
+        params, train_state = checkpointing.restore_all(mngr, params, {"opt_state": opt_state, "step": jnp.asarray(0)})
+        opt_state, step = train_state["opt_state"], int(train_state["step"])
+        log.info("resumed from step %d of %d", step, total_steps)
+    elif mngr.latest_step() is not None:
+        raise checkpointing.CheckpointError(
+            f"{run_dir} already holds checkpoints; pass train.resume=true to continue them"
+        )
+
+    feats = jnp.asarray(features)
+    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
+    loss_sum, loss_count = 0.0, 0
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        rng = np.random.default_rng([cfg.seed, epoch])
+        i, j = pairs.sample_pairs(rng, n, steps_per_epoch * batch, cfg.pairs.hard_fraction, nbrs)
+        targets = pair_labels.pair_targets(context, i, j)
+        i, j, targets = (x.reshape(steps_per_epoch, batch) for x in (i, j, targets))
+        for b in range(offset, steps_per_epoch):
+            params, opt_state, loss = step_fn(params, opt_state, feats, i[b], j[b], targets[b])
+            step += 1
+            loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
+            progress.update(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                record = {"step": step, "epoch": epoch, "loss": loss_sum / loss_count}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                loss_sum, loss_count = 0.0, 0
+            if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
+                checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
+    progress.close()
+    metrics_file.close()
+    if mngr.latest_step() != step:  # e.g. a resumed run that was already complete
+        checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
+    mngr.wait_until_finished()
+    mngr.close()
+    return params

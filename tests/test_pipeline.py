@@ -1,0 +1,139 @@
+"""End to end on the embedded photos: train -> checkpoint -> resume -> evaluate -> search."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from cbir_jax import checkpointing, heads
+from cbir_jax.cli import to_typed
+from cbir_jax.config import Config
+from cbir_jax.evaluate import evaluate
+from cbir_jax.search import search
+from cbir_jax.train import train
+
+from helpers import FAST, compose_config
+
+
+def _train(run_dir: Path, *overrides: str) -> dict:
+    cfg = compose_config(*overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what Hydra writes for a real run
+    return train(to_typed(cfg), run_dir)
+
+
+def _params(run_dir: Path, cfg: Config):
+    head = heads.build_head(cfg.head)
+    dim = checkpointing.read_model_info(run_dir)["feature_dim"]
+    return checkpointing.restore_params(run_dir, heads.init_params(head, dim, jax.random.key(0)))
+
+
+def test_train_writes_a_self_describing_run(tmp_path):
+    results = _train(tmp_path / "run")
+    assert set(results) == {"mlp", "euclid", "cosine", "ssim", "ssim_ratio"}
+    for metrics in results.values():
+        assert 0.0 <= metrics["map_at_r"] <= 1.0 and metrics["queries"] > 0
+    run = tmp_path / "run"
+    assert json.loads((run / "metrics.json").read_text()) == results
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 16 and all(np.isfinite(r["loss"]) for r in lines)
+    assert checkpointing.read_model_info(run)["feature_dim"] == 16 * 16 * 3
+
+
+def test_fixed_seed_reproduces_and_resume_continues_identically(tmp_path):
+    full, again, resumed = tmp_path / "full", tmp_path / "again", tmp_path / "resumed"
+    keep_all = "train.max_to_keep=10"
+    a = _train(full, keep_all, "train.evaluate=false")
+    _train(again, keep_all, "train.evaluate=false")
+    cfg = to_typed(compose_config(keep_all))
+    final = _params(full, cfg)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final, _params(again, cfg))
+    # A run stopped after step 5 (mid-epoch): keep only that checkpoint, then resume it.
+    resumed.mkdir()
+    shutil.copytree(full / ".hydra", resumed / ".hydra")
+    (resumed / "checkpoints").mkdir()
+    shutil.copytree(full / "checkpoints" / "5", resumed / "checkpoints" / "5")
+    with pytest.raises(checkpointing.CheckpointError, match="train.resume=true"):
+        train(cfg, resumed)
+    _train(resumed, keep_all, "train.evaluate=false", "train.resume=true")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final, _params(resumed, cfg))
+    assert a == {}
+
+
+def test_evaluate_and_search_rebuild_the_model_from_the_run(tmp_path):
+    run = tmp_path / "run"
+    trained = _train(run)
+    cfg = compose_config(f"checkpoint={run}")
+    results = evaluate(cfg, tmp_path / "eval")
+    assert results["mlp"] == pytest.approx(trained["mlp"])  # same held-out split, same parameters
+    photo = tmp_path / "query.png"
+    from PIL import Image
+    from cbir_jax.data.embedded import _load_photo
+
+    Image.fromarray(_load_photo("coffee")).save(photo)
+    ranked = search(compose_config(f"checkpoint={run}", f"query={photo}", "k=5"), tmp_path / "search")
+    assert len(ranked) == 5 and (tmp_path / "search" / "search.png").exists()
+    assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+
+
+def test_checkpoint_feature_size_mismatch_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "train.evaluate=false")
+    cfg = compose_config(f"checkpoint={run}", "backbone.image_size=8")
+    with pytest.raises(checkpointing.CheckpointError, match="trained on pixels") as e:
+        evaluate(cfg, tmp_path / "eval", overridden=frozenset({"backbone"}))
+    assert "\n" not in str(e.value)
+
+
+def test_class_labels_are_read_only_for_labels_class(tmp_path, monkeypatch):
+    """The self-supervised protocol: train on the gallery with a heuristic; labels are never touched."""
+    from cbir_jax.data.base import ImageDataset
+
+    def forbidden(self):
+        raise AssertionError("class labels were read")
+
+    real = ImageDataset.labels
+    monkeypatch.setattr(ImageDataset, "labels", property(forbidden, lambda self, v: self.__dict__.__setitem__("_labels", v)), raising=False)
+    for label in ["ssim", "euclid", "ssim_ratio", "ssim_dhash"]:
+        _train(tmp_path / label, f"labels={label}", "data.split.by=none", "train.evaluate=false", "train.epochs=1")
+    with pytest.raises(AssertionError, match="class labels were read"):
+        _train(tmp_path / "class", "labels=class", "data.split.by=none", "train.evaluate=false", "train.epochs=1")
+    del real
+
+
+@pytest.mark.slow
+def test_command_lines(tmp_path):
+    """The README's commands as a user types them (small settings), including a multirun sweep."""
+    common = FAST + ["cache_dir=" + str(tmp_path / "cache")]
+    run = tmp_path / "run"
+    env_cmd = [sys.executable, "-m"]
+
+    def call(*args):
+        out = subprocess.run(env_cmd + list(args), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out
+
+    call("cbir_jax.train", "head=mlp", "labels=ssim_ratio", f"hydra.run.dir={run}", *common)
+    assert (run / "metrics.json").exists() and (run / ".hydra" / "config.yaml").exists()
+    out = call("cbir_jax.evaluate", f"checkpoint={run}", f"hydra.run.dir={tmp_path / 'eval'}", f"cache_dir={tmp_path / 'cache'}")
+    assert "| mlp |" in out.stdout and "| cosine |" in out.stdout
+    query = tmp_path / "q.jpg"
+    from PIL import Image
+    from cbir_jax.data.embedded import _load_photo
+
+    Image.fromarray(_load_photo("astronaut")).save(query)
+    out = call("cbir_jax.search", f"checkpoint={run}", f"query={query}", "k=3", f"hydra.run.dir={tmp_path / 's'}", f"cache_dir={tmp_path / 'cache'}")
+    assert "figure:" in out.stdout
+    call("cbir_jax.train", "-m", "head=mlp,simnet", "labels=ssim,euclid", f"hydra.sweep.dir={tmp_path / 'sweep'}", *common)
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 4 and all((tmp_path / "sweep" / j / "metrics.json").exists() for j in jobs)
+    bad = subprocess.run(env_cmd + ["cbir_jax.evaluate", "data=folder", f"data.root={tmp_path / 'nope'}",
+                                    f"hydra.run.dir={tmp_path / 'e2'}"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no such folder" in bad.stderr
