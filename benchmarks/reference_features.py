@@ -5,7 +5,7 @@ Extracts GAP features for every image of caltech101-dev with the PyTorch referen
 scores leave-one-out retrieval (relevance = same category) with plain NumPy: precision@10 and mAP@R
 (Musgrave et al. 2020), euclidean and cosine.
 
-    python -m benchmarks.reference_features /tmp/ref_gap.npy /tmp/ours_gap.npy
+    python -m benchmarks.reference_features /tmp/ref_gap.npy /tmp/ours_gap.npy [--reuse-reference]
 """
 
 from __future__ import annotations
@@ -94,14 +94,19 @@ def main() -> None:
     parser.add_argument("reference_out", help=".npy for the PyTorch reference's features")
     parser.add_argument("ours_out", help=".npy for the Flax backbone's features")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="load reference_out if it exists instead of re-running torch (it is slow)")
     args = parser.parse_args()
     paths, labels = list_images(Path(args.data))
     print(f"{len(paths)} images, {labels.max() + 1} categories")
     results = {}
     for name, extract, out in (("reference", reference_features, args.reference_out), ("ours", our_features, args.ours_out)):
         start = time.perf_counter()
-        features = extract(paths)
-        np.save(out, features)
+        if name == "reference" and args.reuse_reference and os.path.exists(out):
+            features = np.load(out)
+        else:
+            features = extract(paths)
+            np.save(out, features)
         print(f"{name}: {features.shape} in {time.perf_counter() - start:.1f}s -> {out}", flush=True)
         results[name] = features
     print(f"max |ours - reference| = {np.abs(results['ours'] - results['reference']).max():.3g}")

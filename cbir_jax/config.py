@@ -66,7 +66,7 @@ class FeaturesConfig:
 class LabelsConfig:
     name: str = "ssim_ratio"
     image_size: int = 64  # side of the thumbnails SSIM and dHash are computed on
-    grayscale: bool = False
+    grayscale: bool = True  # SSIM on luma, as usual; 3x cheaper than on RGB
     ssim_win_size: int = 7
     hash_size: int = 8
     # Targets of ratio heuristics are heavy-tailed; `rank` maps them to [0, 1] by their quantile.
@@ -87,6 +87,8 @@ class HeadConfig:
     hidden: list[int] = dataclasses.field(default_factory=lambda: [512])
     activation: str = "relu"
     dropout: float = 0.0
+    rank: int = 128  # cosine_residual: rank of the learned correction x + B(A x)
+    rerank: str = "none"  # cosine_residual: none | alpha_qe | dba_alpha_qe | diffusion on the learned embedding
 
 
 @dataclasses.dataclass

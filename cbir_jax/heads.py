@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cbir_jax.heuristics import ssim_vectors
 from cbir_jax.registry import Registry
 
 HEADS: Registry[Callable[..., nn.Module]] = Registry("head")
@@ -61,27 +62,20 @@ def euclidean_distance(q: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def cosine_similarity(q: jax.Array, g: jax.Array) -> jax.Array:
-    qn = q / (jnp.linalg.norm(q, axis=-1, keepdims=True) + EPS)
-    gn = g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + EPS)
+    qn = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), EPS)
+    gn = g / jnp.maximum(jnp.linalg.norm(g, axis=-1, keepdims=True), EPS)
     return jnp.sum(qn * gn, axis=-1)
 
 
 def feature_ssim(q: jax.Array, g: jax.Array) -> jax.Array:
-    """Global SSIM between two feature vectors seen as 1-D signals.
+    """Global SSIM between two feature vectors seen as 1-D signals (heuristics.ssim_vectors).
 
-    One window over the whole vector; the data range L is that of the pair, so the score is invariant
-    to a common scale of both vectors. C1 = (0.01 L)^2, C2 = (0.03 L)^2 and sample covariance, as skimage.
+    The data range L is the pair's joint range, so the score is invariant to a common scale of both
+    vectors; floored at EPS so constant vectors give a number, not NaN.
     """
     q, g = jnp.broadcast_arrays(q, g)
-    d = q.shape[-1]
-    span = jnp.maximum(jnp.max(jnp.maximum(q, g), -1), 0) - jnp.minimum(jnp.min(jnp.minimum(q, g), -1), 0)
-    c1, c2 = (0.01 * span) ** 2 + EPS, (0.03 * span) ** 2 + EPS
-    mq, mg = jnp.mean(q, -1), jnp.mean(g, -1)
-    qc, gc = q - mq[..., None], g - mg[..., None]
-    vq = jnp.sum(qc * qc, -1) / (d - 1)
-    vg = jnp.sum(gc * gc, -1) / (d - 1)
-    cov = jnp.sum(qc * gc, -1) / (d - 1)
-    return ((2 * mq * mg + c1) * (2 * cov + c2)) / ((mq**2 + mg**2 + c1) * (vq + vg + c2))
+    span = jnp.maximum(q.max(-1), g.max(-1)) - jnp.minimum(q.min(-1), g.min(-1))
+    return ssim_vectors(q, g, data_range=jnp.maximum(span, EPS))
 
 
 class FixedMetric(nn.Module):
@@ -141,3 +135,44 @@ def init_params(head: nn.Module, feature_dim: int, rng: jax.Array):
     """Initial parameters ({} for fixed metrics)."""
     x = jnp.zeros((1, feature_dim), jnp.float32)
     return head.init(rng, x, x).get("params", {})
+
+
+# --- Heads that start *at* cosine and learn a residual (issue 5) -------------------------------------
+
+
+class ResidualProjection(nn.Module):
+    """e(x) = x + B(A x) with B zero-initialised: the identity map at initialisation."""
+
+    rank: int = 128
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), EPS)
+        h = nn.Dense(self.rank, use_bias=False, name="down")(x)
+        return x + nn.Dense(x.shape[-1], use_bias=False, kernel_init=nn.initializers.zeros, name="up")(h)
+
+
+class CosineResidual(nn.Module):
+    """cos(e(q), e(g)) with e a `ResidualProjection`: equals cosine at initialisation (see above)."""
+
+    rank: int = 128
+    rerank: str = "none"
+
+    def setup(self):
+        self.projection = ResidualProjection(self.rank)
+
+    def embed(self, x: jax.Array) -> jax.Array:
+        return self.projection(x)
+
+    def __call__(self, q: jax.Array, g: jax.Array) -> jax.Array:
+        return cosine_similarity(self.embed(q), self.embed(g))
+
+
+@HEADS.register("cosine_residual")
+def _cosine_residual(cfg) -> nn.Module:
+    rerank = getattr(cfg, "rerank", "none")
+    from cbir_jax import rerank as rerank_lib  # registers this head's fast forms (embed the gallery once)
+
+    if rerank != "none":
+        rerank_lib.RERANKERS.get(rerank)  # an unknown name fails here, listing the valid ones
+    return CosineResidual(rank=getattr(cfg, "rank", 128), rerank=rerank)

@@ -2,6 +2,10 @@
 
 Contract (as faiss): `top_k(...) -> (scores, indices)`, both (B, k); scores are similarities in
 descending order; where the gallery holds fewer than k eligible items the index is -1.
+
+Chunks are read in place (`dynamic_slice`); the gallery is never padded or copied, and no more than one
+(B, chunk) block of scores exists at a time. The last chunk is aligned to the end of the gallery and the
+rows it shares with the chunk before are masked, so every row is scored once.
 """
 
 from __future__ import annotations
@@ -13,23 +17,68 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax.scorers import Scorer
-
-
-def _chunk_rows(rows: Any, n: int, chunk: int) -> tuple[Any, int]:
-    """Pads the gallery axis to a multiple of `chunk` and folds it into (n_chunks, chunk, ...)."""
-    n_chunks = max(1, -(-n // chunk))
-    pad = n_chunks * chunk - n
-
-    def fold(x):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape((n_chunks, chunk) + x.shape[1:])
-
-    return jax.tree_util.tree_map(fold, rows), n_chunks
+from cbir_jax.scorers import Scorer, with_storage
 
 
 def _num_rows(rows: Any) -> int:
     return jax.tree_util.tree_leaves(rows)[0].shape[0]
+
+
+def _chunk_at(rows: Any, start: jax.Array, chunk: int) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0), rows)
+
+
+def _chunk_starts(n: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(nominal, actual) start of each chunk; actual starts are clamped so the last chunk ends at n."""
+    n_chunks = max(1, -(-n // chunk))
+    nominal = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
+    return nominal, jnp.minimum(nominal, n - chunk)
+
+
+def scan_top_k(
+    scorer: Scorer,
+    rows: Any,
+    shared: Any,
+    queries: jax.Array,
+    k: int,
+    chunk: int,
+    self_index: jax.Array | None = None,
+    exclude_self: bool = False,
+    ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The traceable core of `top_k`: the k best rows per query as (scores, labels).
+
+    Labels are row positions, or `ids[position]` when `ids` is given (rows whose id is negative are
+    padding and never returned); `self_index` is compared with the labels. Used per shard by sharding.
+    """
+    n = _num_rows(rows)
+    chunk = min(chunk, n)
+    b = queries.shape[0]
+    if self_index is None:
+        self_index = jnp.full((b,), -1, jnp.int32)
+    nominal, actual = _chunk_starts(n, chunk)
+
+    def body(carry, starts):
+        best_s, best_i = carry
+        nominal_start, start = starts
+        pos = start + jnp.arange(chunk, dtype=jnp.int32)
+        local_self = self_index - start if ids is None else jnp.full_like(self_index, -1)
+        s = scorer.score(_chunk_at(rows, start, chunk), shared, queries, local_self).astype(jnp.float32)
+        label = pos if ids is None else jax.lax.dynamic_slice_in_dim(ids, start, chunk)
+        invalid = (pos < nominal_start)[None, :]  # already scored by the chunk before
+        if ids is not None:
+            invalid = invalid | (label < 0)[None, :]
+        if exclude_self:
+            invalid = invalid | (label[None, :] == self_index[:, None])
+        s = jnp.where(invalid, -jnp.inf, s)
+        all_s = jnp.concatenate([best_s, s], axis=1)
+        all_i = jnp.concatenate([best_i, jnp.broadcast_to(label, s.shape)], axis=1)
+        top_s, at = jax.lax.top_k(all_s, k)
+        return (top_s, jnp.take_along_axis(all_i, at, axis=1)), None
+
+    init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
+    (scores, indices), _ = jax.lax.scan(body, init, (nominal, actual))
+    return scores, jnp.where(jnp.isfinite(scores), indices, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("scorer", "k", "chunk", "exclude_self"))
@@ -44,31 +93,7 @@ def top_k(
 ) -> tuple[jax.Array, jax.Array]:
     """The k best gallery items per query, scanning the gallery `chunk` rows at a time."""
     rows, shared = state
-    n = _num_rows(rows)
-    chunk = min(chunk, n)
-    b = queries.shape[0]
-    if self_index is None:
-        self_index = jnp.full((b,), -1, jnp.int32)
-    folded, n_chunks = _chunk_rows(rows, n, chunk)
-    offsets = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
-
-    def body(carry, xs):
-        best_s, best_i = carry
-        rows_c, offset = xs
-        s = scorer.score(rows_c, shared, queries, self_index - offset).astype(jnp.float32)
-        idx = offset + jnp.arange(chunk, dtype=jnp.int32)
-        invalid = (idx >= n)[None, :]
-        if exclude_self:
-            invalid = invalid | (idx[None, :] == self_index[:, None])
-        s = jnp.where(invalid, -jnp.inf, s)
-        all_s = jnp.concatenate([best_s, s], axis=1)
-        all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, s.shape)], axis=1)
-        top_s, pos = jax.lax.top_k(all_s, k)
-        return (top_s, jnp.take_along_axis(all_i, pos, axis=1)), None
-
-    init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
-    (scores, indices), _ = jax.lax.scan(body, init, (folded, offsets))
-    return scores, jnp.where(jnp.isfinite(scores), indices, -1)
+    return scan_top_k(scorer, rows, shared, queries, k, chunk, self_index, exclude_self)
 
 
 @functools.partial(jax.jit, static_argnames=("scorer", "chunk"))
@@ -81,16 +106,71 @@ def score_all(
     if not scorer.chunkable:
         return scorer.score(rows, shared, queries, self_index)
     chunk = min(chunk, n)
-    folded, n_chunks = _chunk_rows(rows, n, chunk)
-    offsets = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
-    per_chunk = jax.lax.map(lambda xs: scorer.score(xs[0], shared, queries, self_index - xs[1]), (folded, offsets))
-    return jnp.moveaxis(per_chunk, 0, 1).reshape(queries.shape[0], -1)[:, :n]
+    _, actual = _chunk_starts(n, chunk)
+
+    def body(i, out):
+        start = actual[i]
+        s = scorer.score(_chunk_at(rows, start, chunk), shared, queries, self_index - start).astype(jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(out, s, start, axis=1)  # the overlap is rewritten equal
+
+    return jax.lax.fori_loop(0, actual.shape[0], body, jnp.zeros((queries.shape[0], n), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("cheap", "exact", "k", "m", "chunk", "exclude_self"))
+def shortlist_rerank(
+    cheap: Scorer,
+    cheap_state: tuple[Any, Any],
+    exact: Scorer,
+    exact_state: tuple[Any, Any],
+    queries: jax.Array,
+    k: int,
+    m: int,
+    chunk: int = 8192,
+    self_index: jax.Array | None = None,
+    exclude_self: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Shortlist the top `m` by a cheap scorer (e.g. cosine), then re-score only those with the exact
+    (learned) scorer and keep its top `k`. Returns (exact scores, indices), as `top_k`.
+
+    Costs one cheap scan plus B * m exact pair scores instead of B * N; it equals the exact ranking
+    whenever the exact top-k lie inside the cheap top-m. Both states must hold the same gallery.
+    """
+    if k > m:
+        raise ValueError(f"shortlist_rerank: k={k} must be <= m={m}")
+    crow, cshared = cheap_state
+    _, cand = scan_top_k(cheap, crow, cshared, queries, m, chunk, self_index, exclude_self)  # (B, m)
+    rows, shared = exact_state
+
+    def rescore(q, idx):  # one query against its m candidates
+        sub = jax.tree_util.tree_map(lambda x: jnp.take(x, jnp.maximum(idx, 0), axis=0), rows)
+        return exact.score(sub, shared, q[None], jnp.full((1,), -1, jnp.int32))[0]
+
+    s = jax.vmap(rescore)(queries, cand).astype(jnp.float32)
+    s = jnp.where(cand >= 0, s, -jnp.inf)
+    top_s, at = jax.lax.top_k(s, k)
+    top_i = jnp.take_along_axis(cand, at, axis=1)
+    return top_s, jnp.where(jnp.isfinite(top_s), top_i, -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _stored(scorer: Scorer, dtype: jnp.dtype) -> Scorer:
+    return with_storage(scorer, dtype)  # one wrapper per (scorer, dtype), so top_k compiles once
 
 
 def search(
-    scorer: Scorer, gallery: np.ndarray, queries: np.ndarray, k: int, chunk: int = 8192
+    scorer: Scorer,
+    gallery: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    chunk: int = 8192,
+    storage_dtype: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One-call search: prepares the gallery, ranks it, returns numpy (scores, indices)."""
+    """One-call search: prepares the gallery, ranks it, returns numpy (scores, indices).
+
+    `storage_dtype` (e.g. jnp.bfloat16) keeps the gallery features in that type (see `with_storage`).
+    """
+    if storage_dtype is not None:
+        scorer = _stored(scorer, jnp.dtype(storage_dtype))
     state = scorer.prepare(jnp.asarray(gallery))
     s, i = top_k(scorer, state, jnp.asarray(queries), k=k, chunk=chunk)
     return np.asarray(s), np.asarray(i)

@@ -5,6 +5,13 @@ the gallery axis first (so ranking can slice it into chunks), `shared` is everyt
 precomputed terms). `score(rows, shared, queries, self_index)` returns (B, n) similarities for the n
 gallery rows given; `self_index` is each query's position among those rows (or negative), which only
 neighbourhood re-rankers need. A `chunkable=False` scorer needs the whole gallery at once.
+
+By convention a dict `rows` keeps the raw gallery features under `FEATURES` ("g"); `with_storage` keeps
+that leaf in bfloat16/float16 and widens each chunk to float32 before scoring.
+
+The learned MLP heads have GEMM forms: their first layer, applied to all (query, gallery) pairs, is
+rewritten so the gallery-only part is computed once in `prepare` and the pair part is one wide GEMM per
+block of queries (see `_squared_difference_form`), instead of one small MLP application per pair.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ from cbir_jax import heads as heads_lib
 from cbir_jax.registry import Registry
 
 GalleryState = tuple[Any, Any]
+FEATURES = "g"
+# Columns of the pair GEMM per query block: wide enough to run the GEMM near its peak, narrow enough that
+# the (chunk, columns) float32 product stays small (8192 x 2048 x 4 B = 64 MiB).
+PAIR_GEMM_COLUMNS = 2048
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -37,11 +48,11 @@ FAST_FORMS: Registry[Callable[..., tuple[Callable, Callable]]] = Registry("fast 
 
 def _pairwise_form(head: nn.Module, params) -> tuple[Callable, Callable]:
     def prepare(gallery):
-        return {"g": gallery}, params
+        return {FEATURES: gallery}, params
 
     def score(rows, shared, queries, self_index):
         del self_index
-        apply = lambda q: head.apply({"params": shared}, q[None, :], rows["g"])  # noqa: E731
+        apply = lambda q: head.apply({"params": shared}, q[None, :], rows[FEATURES])  # noqa: E731
         return jax.lax.map(apply, queries, batch_size=8)
 
     return prepare, score
@@ -57,12 +68,14 @@ def _fixed_name(head: nn.Module) -> str | None:
 
 @FAST_FORMS.register("cosine")
 def _cosine_form(head, params):
+    # Only the inverse norms are stored: normalising the gallery would copy it (N x D) in memory.
     def prepare(gallery):
-        return {"g": gallery / (jnp.linalg.norm(gallery, axis=-1, keepdims=True) + heads_lib.EPS)}, None
+        norm = jnp.linalg.norm(gallery.astype(jnp.float32), axis=-1)
+        return {FEATURES: gallery, "inv_norm": 1.0 / jnp.maximum(norm, heads_lib.EPS)}, None
 
     def score(rows, shared, queries, self_index):
-        qn = queries / (jnp.linalg.norm(queries, axis=-1, keepdims=True) + heads_lib.EPS)
-        return qn @ rows["g"].T
+        qn = queries / jnp.maximum(jnp.linalg.norm(queries, axis=-1, keepdims=True), heads_lib.EPS)
+        return (qn @ rows[FEATURES].T) * rows["inv_norm"][None, :]
 
     return prepare, score
 
@@ -70,12 +83,109 @@ def _cosine_form(head, params):
 @FAST_FORMS.register("euclid")
 def _euclid_form(head, params):
     def prepare(gallery):
-        return {"g": gallery, "g2": jnp.sum(gallery**2, axis=-1)}, None
+        return {FEATURES: gallery, "g2": jnp.sum(gallery.astype(jnp.float32) ** 2, axis=-1)}, None
 
     def score(rows, shared, queries, self_index):
         q2 = jnp.sum(queries**2, axis=-1, keepdims=True)
-        d2 = q2 + rows["g2"][None, :] - 2.0 * (queries @ rows["g"].T)
+        d2 = q2 + rows["g2"][None, :] - 2.0 * (queries @ rows[FEATURES].T)
         return -jnp.sqrt(jnp.maximum(d2, 0.0))
+
+    return prepare, score
+
+
+# ---- learned MLP heads as GEMMs --------------------------------------------------------------------------
+
+
+def mlp_layers(params) -> list[tuple[jax.Array, jax.Array]]:
+    """The (kernel, bias) of each Dense layer of a head's `mlp` trunk, in order (Dense_0, Dense_1, ...)."""
+    mlp = params["mlp"]
+    names = sorted(mlp, key=lambda s: int(s.rsplit("_", 1)[1]))
+    return [(mlp[n]["kernel"], mlp[n]["bias"]) for n in names]
+
+
+def _tail(h: jax.Array, layers, act) -> jax.Array:
+    """Applies the layers after the first to activated first-layer outputs h (..., H1); returns (...)."""
+    for i, (w, b) in enumerate(layers):
+        h = h @ w + b
+        if i < len(layers) - 1:
+            h = act(h)
+    return h[..., 0]
+
+
+def _by_query_blocks(queries: jax.Array, width: int, block_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Runs `block_fn` ((qb, ...) -> (qb, n)) over blocks of queries, qb * width ~ PAIR_GEMM_COLUMNS."""
+    b = queries.shape[0]
+    qb = max(1, min(b, PAIR_GEMM_COLUMNS // max(width, 1)))
+    n_blocks = -(-b // qb)
+    if n_blocks == 1:
+        return block_fn(queries)
+    padded = jnp.pad(queries, [(0, n_blocks * qb - b)] + [(0, 0)] * (queries.ndim - 1))
+    out = jax.lax.map(block_fn, padded.reshape((n_blocks, qb) + queries.shape[1:]))
+    return out.reshape((n_blocks * qb,) + out.shape[2:])[:b]
+
+
+@FAST_FORMS.register("SquaredDifferenceMLP")
+def _squared_difference_form(head, params):
+    """MLP((q - g)**2) with its first layer expanded over the square:
+
+        sum_i W_ij (q_i - g_i)^2 = (q^2 W)_j + (g^2 W)_j - 2 (g (q o W))_j
+
+    `(g^2) W` is a gallery row term (N, H) computed once in `prepare`; `q^2 W` is per query; the cross
+    term for a block of queries is one GEMM G @ [-2 q1 o W | -2 q2 o W | ...] of width qb * H. Features are
+    centred on the gallery mean first ((q - g) is unchanged), which keeps the cancellation in the
+    expansion small when q is close to g.
+    """
+    layers = mlp_layers(params)
+    (w1, b1), rest = layers[0], layers[1:]
+    act = heads_lib.ACTIVATIONS[head.activation]
+    h1 = w1.shape[1]
+
+    def prepare(gallery):
+        center = jnp.mean(gallery.astype(jnp.float32), axis=0)
+        gc = gallery.astype(jnp.float32) - center
+        return {FEATURES: gallery, "g2w": (gc * gc) @ w1}, {"layers": layers, "center": center}
+
+    def score(rows, shared, queries, self_index):
+        del self_index
+        (w, b), tail = shared["layers"][0], shared["layers"][1:]
+        g = rows[FEATURES] - shared["center"]
+        n = g.shape[0]
+
+        def block(qs):  # (qb, D) -> (qb, n)
+            qs = qs - shared["center"]
+            qb = qs.shape[0]
+            q_term = (qs * qs) @ w + b  # (qb, H)
+            wq = (-2.0 * qs[:, :, None] * w[None]).transpose(1, 0, 2).reshape(w.shape[0], qb * h1)
+            pre = (g @ wq).reshape(n, qb, h1) + rows["g2w"][:, None, :] + q_term[None]
+            return _tail(act(pre), tail, act).T
+
+        return _by_query_blocks(queries, h1, block)
+
+    return prepare, score
+
+
+@FAST_FORMS.register("ConcatMLP")
+def _concat_form(head, params):
+    """MLP([q, g]) with its first layer split: [q, g] W = q W_q + g W_g. `g W_g` (N, H) is computed once
+    in `prepare` and `q W_q` once per query, so no pair needs a GEMM in the first layer at all."""
+    layers = mlp_layers(params)
+    w1 = layers[0][0]
+    d = w1.shape[0] // 2
+    act = heads_lib.ACTIVATIONS[head.activation]
+    h1 = w1.shape[1]
+
+    def prepare(gallery):
+        return {"gw": gallery.astype(jnp.float32) @ w1[d:]}, {"layers": layers}
+
+    def score(rows, shared, queries, self_index):
+        del self_index
+        (w, b), tail = shared["layers"][0], shared["layers"][1:]
+
+        def block(qs):  # (qb, D) -> (qb, n)
+            pre = (qs @ w[:d] + b)[:, None, :] + rows["gw"][None]
+            return _tail(act(pre), tail, act)
+
+        return _by_query_blocks(queries, h1, block)
 
     return prepare, score
 
@@ -98,3 +208,24 @@ def pair_scorer(name: str, head: nn.Module, params, *, fast: bool = True) -> Sco
 def fixed_scorer(name: str) -> Scorer:
     """A scorer for one of the parameter-free metrics."""
     return pair_scorer(name, heads_lib.FixedMetric(heads_lib.FIXED_METRICS[name]), {})
+
+
+def with_storage(scorer: Scorer, dtype) -> Scorer:
+    """The same scorer with the gallery features (`rows["g"]`) stored as `dtype` (bfloat16 / float16):
+    half the memory, and each chunk is widened to float32 before scoring, so arithmetic and accumulation
+    stay float32. Derived row terms (norms, g^2 W) are computed from the float32 gallery and kept float32.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def prepare(gallery):
+        rows, shared = scorer.prepare(gallery)
+        if not (isinstance(rows, dict) and FEATURES in rows):
+            return rows, shared  # this form keeps no raw features (e.g. ConcatMLP keeps g W_g only)
+        return {**rows, FEATURES: rows[FEATURES].astype(dtype)}, shared
+
+    def score(rows, shared, queries, self_index):
+        if isinstance(rows, dict) and FEATURES in rows:
+            rows = {**rows, FEATURES: rows[FEATURES].astype(jnp.float32)}
+        return scorer.score(rows, shared, queries, self_index)
+
+    return Scorer(name=f"{scorer.name}[{dtype.name}]", prepare=prepare, score=score, chunkable=scorer.chunkable)

@@ -18,7 +18,6 @@ FAST = [
     "head.hidden=[32]",
     "labels.image_size=32",
     "eval.figure=false",
-    "labels=euclid",  # TEMP
 ]
 
 

@@ -37,6 +37,7 @@ def messy_folder(tmp_path):
     (bad / "notes.txt").write_text("not an image")
     (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
     (bad / ".hidden.jpg").write_bytes(b"ignored")
+    (tmp_path / "README.md").write_text("a loose file beside the class folders")
     return tmp_path
 
 
@@ -48,12 +49,12 @@ def test_folder_converts_modes_and_skips_bad_files(messy_folder, tmp_path_factor
     with caplog.at_level(logging.WARNING):
         fs = extract_features(dataset, backbone, thumb_size=16, cache_dir=str(tmp_path_factory.mktemp("c")), batch_size=4)
     skipped = sorted(name for name, _ in fs.skipped)
-    assert skipped == ["bad/corrupt.png", "bad/notes.txt", "bad/truncated.jpg"]
+    assert skipped == ["README.md", "bad/corrupt.png", "bad/notes.txt", "bad/truncated.jpg"]
     assert len(fs) == 7 and fs.features.shape == (7, 8 * 8 * 3)
     assert fs.thumbnails.shape == (7, 16, 16, 3) and fs.thumbnails.dtype == np.uint8
     for name in skipped:
         assert any(name in r.getMessage() for r in caplog.records)
-    assert any("skipped 3 of 10" in r.getMessage() for r in caplog.records)
+    assert any("skipped 4 of 11" in r.getMessage() for r in caplog.records)
     assert fs.labels.tolist() == [0] + [1] * 6
 
 

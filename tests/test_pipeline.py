@@ -94,18 +94,27 @@ def test_checkpoint_feature_size_mismatch_is_one_line(tmp_path):
 
 def test_class_labels_are_read_only_for_labels_class(tmp_path, monkeypatch):
     """The self-supervised protocol: train on the gallery with a heuristic; labels are never touched."""
+    from cbir_jax import pipeline
     from cbir_jax.data.base import ImageDataset
 
-    def forbidden(self):
-        raise AssertionError("class labels were read")
+    class Guarded(ImageDataset):
+        @property
+        def labels(self):
+            raise AssertionError("class labels were read")
 
-    real = ImageDataset.labels
-    monkeypatch.setattr(ImageDataset, "labels", property(forbidden, lambda self, v: self.__dict__.__setitem__("_labels", v)), raising=False)
+    real_build = pipeline.build_dataset
+
+    def build_guarded(cfg):
+        dataset = real_build(cfg)
+        guarded = object.__new__(Guarded)
+        guarded.__dict__.update({k: v for k, v in vars(dataset).items() if k != "labels"})
+        return guarded
+
+    monkeypatch.setattr(pipeline, "build_dataset", build_guarded)
     for label in ["ssim", "euclid", "ssim_ratio", "ssim_dhash"]:
         _train(tmp_path / label, f"labels={label}", "data.split.by=none", "train.evaluate=false", "train.epochs=1")
     with pytest.raises(AssertionError, match="class labels were read"):
         _train(tmp_path / "class", "labels=class", "data.split.by=none", "train.evaluate=false", "train.epochs=1")
-    del real
 
 
 @pytest.mark.slow

@@ -40,6 +40,44 @@ def relu6(x: jax.Array) -> jax.Array:
     return jnp.clip(x, 0.0, 6.0)
 
 
+def depthwise_shift_add(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise conv with TF "SAME" padding as a sum of k*k shifted, scaled copies of the input.
+
+    Why: XLA's CPU backend runs grouped convolutions as slow generic loops; this form fuses into one
+    elementwise loop and was 6-28x faster per layer on a 2-core CPU (same result to ~1e-6).
+    """
+    kh, kw = kernel.shape[:2]
+    h, w = x.shape[1:3]
+    oh, ow = -(-h // stride), -(-w // stride)
+    ph, pw = max((oh - 1) * stride + kh - h, 0), max((ow - 1) * stride + kw - w, 0)
+    xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    out = jnp.zeros((x.shape[0], oh, ow, x.shape[3]), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride, :]
+            out = out + patch * kernel[i, j, 0]
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv with bias; params laid out as nn.Conv's (k,k,1,C) kernel and (C,) bias."""
+
+    kernel_size: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, k = x.shape[-1], self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), x.dtype)
+        if jax.default_backend() == "cpu":
+            y = depthwise_shift_add(x, kernel, self.stride)
+        else:  # accelerators have fast grouped convolutions
+            y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+        return y + bias
+
+
 class MBConv(nn.Module):
     """Inverted residual block; convs carry folded BatchNorm as their bias."""
 
@@ -55,8 +93,7 @@ class MBConv(nn.Module):
         h = x
         if self.expand != 1:
             h = relu6(nn.Conv(mid, (1, 1), name="expand")(h))
-        k = (self.kernel, self.kernel)
-        h = relu6(nn.Conv(mid, k, self.stride, padding="SAME", feature_group_count=mid, name="depthwise")(h))
+        h = relu6(DepthwiseConv(self.kernel, self.stride, name="depthwise")(h))
         h = nn.Conv(self.out, (1, 1), name="project")(h)  # linear bottleneck: no activation
         if self.stride == 1 and inp == self.out:
             h = h + x

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from cbir_jax.data.base import DATASETS, DataError, ImageDataset, hash_strings, load_image_file
+
+log = logging.getLogger(__name__)
 
 
 def _is_hidden(path: Path) -> bool:
@@ -23,11 +26,11 @@ def build(cfg) -> ImageDataset:
         raise DataError(f"data.root={cfg.root}: no such folder")
     class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not _is_hidden(d)), key=lambda d: d.name)
     loose = sorted(f for f in root.iterdir() if f.is_file() and not _is_hidden(f))
-    if class_dirs and loose:
-        raise DataError(
-            f"data.root={cfg.root}: mixes {len(loose)} loose files with {len(class_dirs)} class folders; "
-            "use one layout (class sub-folders, or a flat folder)"
-        )
+    skipped = []
+    if class_dirs and loose:  # e.g. a README beside the class folders: belongs to no class
+        skipped = [(f.name, "loose file beside class folders (belongs to no class)") for f in loose]
+        for name, reason in skipped:
+            log.warning("skipped %s: %s", name, reason)
     files: list[Path] = []
     labels: list[int] = []
     if class_dirs:
@@ -52,4 +55,5 @@ def build(cfg) -> ImageDataset:
         labels=np.asarray(labels, np.int32) if class_dirs else None,
         class_names=[d.name for d in class_dirs],
         content_key=key,
+        skipped=skipped,
     )

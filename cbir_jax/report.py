@@ -1,0 +1,163 @@
+"""`python -m cbir_jax.report outputs/multirun/DATE/TIME [--out PATH]` — a multirun as one result table.
+
+Each job folder holds `.hydra/overrides.yaml`, `.hydra/config.yaml` and `metrics.json`
+({scorer: {metric: value}}). Rows of the learned head are grouped by the job's overrides minus `seed`
+(and `experiment`), as mean ± sample std over the seeds with their count n; the baselines (fixed metrics,
+re-rankers), evaluated in every job on the same queries, are reported once each (also as mean ± std over
+jobs, so a baseline that is *not* identical across jobs shows a std > 0 rather than hiding it). Overrides
+shared by every job go in the title. Writes PATH.md and PATH.csv (default: next to the multirun folder,
+named after it) and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+COLUMNS = OrderedDict(
+    [
+        ("precision_at_1", "P@1"),
+        ("precision_at_10", "P@10"),
+        ("map_at_r", "mAP@R"),
+        ("r_precision", "R-precision"),
+        ("map", "mAP"),
+    ]
+)
+_UNGROUPED = ("seed", "experiment")
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def load_jobs(multirun: Path) -> tuple[list[dict], list[Path]]:
+    """Every job folder under `multirun` with its overrides, head name and metrics; and the ones without
+    metrics.json (failed or unfinished jobs)."""
+    jobs, missing = [], []
+    for overrides_file in sorted(multirun.glob("**/.hydra/overrides.yaml")):
+        job = overrides_file.parent.parent
+        overrides = yaml.safe_load(overrides_file.read_text()) or []
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}
+        metrics_file = job / "metrics.json"
+        if not metrics_file.exists():
+            missing.append(job)
+            continue
+        jobs.append(
+            {
+                "dir": job,
+                "overrides": [o for o in overrides if _key(o) not in _UNGROUPED],
+                "head": (config.get("head") or {}).get("name"),
+                "checkpoint": config.get("checkpoint"),
+                "metrics": json.loads(metrics_file.read_text()),
+            }
+        )
+    return jobs, missing
+
+
+def _summary(values: list[dict]) -> dict:
+    out = {"n": len(values), "queries": sorted({int(v.get("queries", 0)) for v in values})}
+    for metric in COLUMNS:
+        x = np.array([v.get(metric, math.nan) for v in values], np.float64)
+        out[metric] = (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else math.nan)
+    return out
+
+
+def summarise(jobs: list[dict]) -> tuple[list[str], list[tuple[str, str, dict]]]:
+    """(overrides common to all jobs, rows as (kind, label, summary)) with baselines first."""
+    if not jobs:
+        return [], []
+    common = [o for o in jobs[0]["overrides"] if all(o in j["overrides"] for j in jobs)]
+    learned: "OrderedDict[str, list[dict]]" = OrderedDict()
+    baselines: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for job in jobs:
+        trained = job["head"] if job["head"] in job["metrics"] else None
+        varying = [o for o in job["overrides"] if o not in common]
+        for scorer, metrics in job["metrics"].items():
+            if scorer == trained and not _is_fixed(scorer):
+                label = " ".join(varying) or scorer
+                learned.setdefault(label, []).append(metrics)
+            else:
+                baselines.setdefault(scorer, []).append(metrics)
+    rows = [("baseline", name, _summary(v)) for name, v in baselines.items()]
+    learned_rows = [("learned", label, _summary(v)) for label, v in learned.items()]
+    learned_rows.sort(key=lambda r: -np.nan_to_num(r[2]["map_at_r"][0], nan=-1.0))
+    return common, rows + learned_rows
+
+
+def _is_fixed(name: str) -> bool:
+    from cbir_jax import heads
+
+    return name in heads.FIXED_METRICS
+
+
+def _cell(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "nan"
+    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def to_markdown(title: str, rows: list[tuple[str, str, dict]], missing: list[Path] = ()) -> str:
+    header = "| kind | scorer / overrides | " + " | ".join(COLUMNS.values()) + " | n | queries |"
+    lines = [f"**{title}**", "", header, "|" + "---|" * (len(COLUMNS) + 4)]
+    for kind, label, s in rows:
+        cells = [_cell(*s[m]) for m in COLUMNS]
+        queries = "/".join(str(q) for q in s["queries"])
+        lines.append(f"| {kind} | {label} | " + " | ".join(cells) + f" | {s['n']} | {queries} |")
+    lines += ["", "Mean ± sample std over the n jobs (seeds) of each row; baselines are evaluated in every job."]
+    if missing:
+        lines.append(f"Jobs without metrics.json (failed or unfinished), left out: {', '.join(p.name for p in missing)}")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[tuple[str, str, dict]]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["kind", "scorer", *(c for m in COLUMNS for c in (m, f"{m}_std")), "n", "queries"])
+        for kind, label, s in rows:
+            values = [f"{v:.6f}" for m in COLUMNS for v in s[m]]
+            w.writerow([kind, label, *values, s["n"], "/".join(str(q) for q in s["queries"])])
+
+
+def report(multirun: Path, out: Path | None = None) -> str:
+    """Writes OUT.md and OUT.csv for a multirun folder; returns the markdown."""
+    multirun = Path(multirun)
+    if not multirun.is_dir():
+        raise FileNotFoundError(f"{multirun}: no such multirun folder")
+    jobs, missing = load_jobs(multirun)
+    if not jobs:
+        raise FileNotFoundError(f"{multirun}: no job folder with .hydra/overrides.yaml and metrics.json")
+    common, rows = summarise(jobs)
+    title = f"{multirun.name}: {len(jobs)} jobs" + (f" · {' '.join(common)}" if common else "")
+    markdown = to_markdown(title, rows, missing)
+    out = Path(out) if out else multirun.parent / f"{multirun.name}_report"
+    if out.suffix in (".md", ".csv"):
+        out = out.with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    write_csv(out.with_suffix(".csv"), rows)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cbir_jax.report", description=__doc__.splitlines()[0])
+    parser.add_argument("multirun", type=Path, help="a Hydra multirun folder (outputs/multirun/DATE/TIME)")
+    parser.add_argument("--out", type=Path, default=None, help="output path stem; writes STEM.md and STEM.csv")
+    args = parser.parse_args(argv)
+    try:
+        print(report(args.multirun, args.out))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

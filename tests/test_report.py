@@ -1,0 +1,68 @@
+"""The report command on a fake multirun folder whose expected table is known."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from cbir_jax import report
+
+BASE = {"cosine": 0.7, "dba_alpha_qe": 0.8}
+
+
+def _metrics(value):
+    return {m: value for m in report.COLUMNS} | {"queries": 100, "skipped_queries": 0}
+
+
+def _job(root, num, overrides, head, learned):
+    job = root / f"{num}_{','.join(overrides)}"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"head": {"name": head}, "seed": 0}))
+    metrics = {head: _metrics(learned)} | {k: _metrics(v) for k, v in BASE.items()}
+    (job / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def multirun(tmp_path):
+    root = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    num = 0
+    for head, values in (("mlp", (0.1, 0.2, 0.3)), ("simnet", (0.5, 0.5, 0.5))):
+        for seed, v in enumerate(values):
+            _job(root, num, ["+experiment=x", "data=folder", f"head={head}", "labels=class", f"seed={seed}"], head, v)
+            num += 1
+    failed = root / "99_head=mlp,seed=9" / ".hydra"
+    failed.mkdir(parents=True)
+    (failed / "overrides.yaml").write_text(yaml.safe_dump(["head=mlp", "seed=9"]))
+    (failed / "config.yaml").write_text(yaml.safe_dump({"head": {"name": "mlp"}}))
+    return root
+
+
+def test_groups_by_overrides_without_seed_and_reports_baselines_once(multirun, tmp_path):
+    md = report.report(multirun, tmp_path / "out" / "table.md")
+    lines = md.splitlines()
+    assert "data=folder labels=class" in lines[0] and "6 jobs" in lines[0]
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[1] for r in rows] == ["cosine", "dba_alpha_qe", "head=simnet", "head=mlp"]
+    # mean and sample std of 0.1, 0.2, 0.3 are 0.2 and 0.1; the baselines are identical in all 6 jobs.
+    assert "| learned | head=mlp | 0.2000 ± 0.1000 |" in md
+    assert "| learned | head=simnet | 0.5000 ± 0.0000 |" in md
+    assert "| baseline | cosine | 0.7000 ± 0.0000 |" in md and rows[0].endswith("| 6 | 100 |")
+    assert "99_head=mlp,seed=9" in md  # the failed job is named, not silently dropped
+    with (tmp_path / "out" / "table.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["scorer"] for r in table] == ["cosine", "dba_alpha_qe", "head=simnet", "head=mlp"]
+    assert float(table[3]["map_at_r"]) == pytest.approx(0.2) and float(table[3]["map_at_r_std"]) == pytest.approx(0.1)
+    assert (tmp_path / "out" / "table.md").read_text().strip() == md
+
+
+def test_default_output_lies_next_to_the_multirun_folder(multirun, capsys):
+    assert report.main([str(multirun)]) == 0
+    assert "head=mlp" in capsys.readouterr().out
+    assert (multirun.parent / "12-00-00_report.md").exists() and (multirun.parent / "12-00-00_report.csv").exists()
+
+
+def test_a_folder_without_jobs_fails_with_a_message(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 1
+    assert "no job folder" in capsys.readouterr().err
