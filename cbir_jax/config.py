@@ -72,6 +72,8 @@ class LabelsConfig:
     # Targets of ratio heuristics are heavy-tailed; `rank` maps them to [0, 1] by their quantile.
     transform: str = "rank"  # rank | minmax | none
     eps: float = 1e-3
+    # labels=rerank: the non-learned re-ranker whose similarities on the training rows are the targets.
+    reranker: str = "dba_alpha_qe"
 
 
 @dataclasses.dataclass

@@ -110,3 +110,34 @@ def transform_targets(name: str, t: np.ndarray) -> np.ndarray:
 def pair_targets(ctx: PairContext, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     raw = PAIR_LABELS.get(ctx.cfg.name)(ctx, i, j)
     return transform_targets(ctx.cfg.transform, raw)
+
+
+# --- Self-supervised pseudo-labels from the neighbourhood structure (labels=rerank) -------------------
+
+
+def rerank_similarities(features: np.ndarray, reranker: str = "dba_alpha_qe", chunk: int = 256) -> np.ndarray:
+    """(N, N) similarity of every pair of rows under a non-learned re-ranker run on the rows themselves,
+    each row a leave-one-out query against all the others (cbir_jax/rerank.py), symmetrised
+    (S + S^T) / 2. Reads features only; O(N^2) memory (3,315 rows: 44 MB)."""
+    from cbir_jax import rerank
+
+    scorer = rerank.build_reranker(reranker)
+    x = jnp.asarray(features, jnp.float32)
+    rows, shared = scorer.prepare(x)
+    out = []
+    for start in range(0, len(features), chunk):
+        q = x[start : start + chunk]
+        self_index = jnp.arange(start, start + q.shape[0], dtype=jnp.int32)
+        out.append(np.asarray(scorer.score(rows, shared, q, self_index), np.float32))
+    s = np.concatenate(out)
+    return (s + s.T) / 2
+
+
+@PAIR_LABELS.register("rerank")
+def rerank_label(ctx, i, j):
+    """No class labels: the target of pair (i, j) is their similarity under `labels.reranker` (default
+    DBA + alpha-QE) computed on the training rows' own features — a pseudo-label from the neighbourhood
+    structure that a head whose score is a cosine (cosine_residual) can regress directly (transform none)."""
+    if "rerank" not in ctx._cache:
+        ctx._cache["rerank"] = rerank_similarities(ctx.features, getattr(ctx.cfg, "reranker", "dba_alpha_qe"))
+    return ctx._cache["rerank"][i, j]

@@ -20,6 +20,7 @@ from cbir_jax.backbones import build_backbone
 from cbir_jax.backbones import efficientnet_lite as E
 from cbir_jax.backbones.weights import CheckpointMismatchError
 from cbir_jax.config import BackboneConfig
+from cbir_jax.registry import UnknownComponentError
 from cbir_jax.torch_pickle import load_state_dict
 
 CFG = BackboneConfig(name="efficientnet_lite0", image_size=224, resize="squash", pooling="gap")
@@ -84,7 +85,7 @@ def test_intermediate_layer_and_fingerprint():
                                                      dataclasses.replace(cfg, layer="stage4"),
                                                      dataclasses.replace(cfg, resize="center_crop"))}
     assert len(prints) == 4
-    with pytest.raises(ValueError, match="valid: stem, stage1"):
+    with pytest.raises(UnknownComponentError, match="valid: stem, stage1"):
         build_backbone(dataclasses.replace(cfg, layer="stage9"))
 
 

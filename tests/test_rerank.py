@@ -167,3 +167,24 @@ def test_cosine_residual_head_starts_at_cosine_and_its_fast_forms_agree():
     )
     with pytest.raises(UnknownComponentError, match="dba_alpha_qe"):
         heads.build_head(HeadConfig(name="cosine_residual", rerank="qe"))
+
+
+def test_rerank_pair_label_is_the_rerankers_own_similarity_and_never_reads_labels():
+    from cbir_jax import pair_labels
+    from cbir_jax.config import LabelsConfig
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def no_labels():
+        raise AssertionError("labels=rerank must not read class labels")
+
+    ctx = pair_labels.PairContext(features=x, thumbnails=np.zeros((30, 4, 4, 3), np.uint8), class_labels=no_labels,
+                                  cfg=LabelsConfig(name="rerank", transform="none"))
+    i, j = np.array([0, 5, 7, 29]), np.array([1, 9, 7 - 1, 0])
+    t = pair_labels.pair_targets(ctx, i, j)
+    # Leave-one-out DBA + alpha-QE with every row a query against all rows, symmetrised.
+    s = _scores(rerank.build_reranker("dba_alpha_qe"), x, x, np.arange(30))
+    np.testing.assert_allclose(t, (s[i, j] + s[j, i]) / 2, atol=1e-5)
+    np.testing.assert_allclose(pair_labels.pair_targets(ctx, j, i), t, atol=1e-6)  # symmetric

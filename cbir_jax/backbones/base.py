@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax.registry import Registry
+from cbir_jax.registry import Registry, UnknownComponentError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,3 +39,48 @@ BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
 def build_backbone(cfg) -> Backbone:
     """Builds the backbone named by `cfg.name` (a BackboneConfig)."""
     return BACKBONES.get(cfg.name)(cfg)
+
+
+def cnn_backbone(
+    cfg,
+    *,
+    name: str,
+    module: Callable[..., nn.Module],
+    layers: dict[str, int],
+    default_layer: str,
+    params: dict,
+    weights_sha: str,
+    preprocess: Callable[..., np.ndarray],
+    normalisation: str,
+) -> Backbone:
+    """Wraps a pretrained Flax CNN (`module(output=layer)`) and its converted params as a Backbone.
+
+    The forward pass runs the CNN up to `cfg.layer`, then the configured pooling, under one jit.
+    """
+    from cbir_jax.imageops import RESIZERS
+    from cbir_jax.pooling import build_pooling, describe
+
+    layer = cfg.layer or default_layer
+    if layer not in layers:
+        raise UnknownComponentError(f"{name} has no layer {layer!r}; valid: {', '.join(layers)}")
+    size, resize_name = int(cfg.image_size), str(cfg.resize)
+    if resize_name not in RESIZERS:
+        raise UnknownComponentError(f"unknown backbone.resize {resize_name!r}; valid: {', '.join(RESIZERS)}")
+    dtype = jnp.dtype(cfg.dtype)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    pool = build_pooling(cfg)
+    net = module(output=layer)
+
+    @jax.jit
+    def _forward(params: dict, batch: jax.Array) -> jax.Array:
+        fmap = net.apply({"params": params}, batch.astype(dtype))
+        return pool(fmap.astype(jnp.float32))
+
+    return Backbone(
+        name=name,
+        image_size=size,
+        feature_dim=layers[layer],
+        preprocess=functools.partial(preprocess, size=size, resize=resize_name),
+        forward=functools.partial(_forward, params),
+        fingerprint=f"{name}-{weights_sha}-{layer}-{describe(cfg)}-{size}-{resize_name}-{dtype.name}-{normalisation}",
+    )

@@ -9,7 +9,6 @@ and cached as .npz keyed by the checkpoint's sha256. The architecture mirrors `e
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -18,9 +17,8 @@ import numpy as np
 
 from cbir_jax import torch_pickle
 from cbir_jax.backbones import weights as W
-from cbir_jax.backbones.base import BACKBONES, Backbone
+from cbir_jax.backbones.base import BACKBONES, Backbone, cnn_backbone
 from cbir_jax.imageops import RESIZERS
-from cbir_jax.pooling import build_pooling, describe
 
 # Lite models were trained on inputs scaled as (x - 127) / 128 (MEAN_RGB=127, STDDEV_RGB=128 in the
 # TF efficientnet_lite builder), so that is the normalisation used everywhere for this backbone.
@@ -186,28 +184,9 @@ def logits(batch: jax.Array, weights: str | None = None) -> jax.Array:
 
 @BACKBONES.register("efficientnet_lite0")
 def build(cfg) -> Backbone:
-    layer = cfg.layer or "head"
-    if layer not in LAYERS:
-        raise ValueError(f"efficientnet_lite0 has no layer {layer!r}; valid: {', '.join(LAYERS)}")
-    size, resize_name = int(cfg.image_size), str(cfg.resize)
-    RESIZERS[resize_name]  # fail at build time on an unknown resizer
     path = cfg.weights or default_weights_path()
-    dtype = jnp.dtype(cfg.dtype)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), load_params(path))
-    pool = build_pooling(cfg)
-
-    @jax.jit
-    def _forward(params: dict, batch: jax.Array) -> jax.Array:
-        fmap = EfficientNetLite0(output=layer).apply({"params": params}, batch.astype(dtype))
-        return pool(fmap.astype(jnp.float32))
-
-    forward: Callable[[jax.Array], jax.Array] = functools.partial(_forward, params)
-    sha = W.sha256_file(path)[:16]
-    return Backbone(
-        name="efficientnet_lite0",
-        image_size=size,
-        feature_dim=LAYERS[layer],
-        preprocess=functools.partial(preprocess, size=size, resize=resize_name),
-        forward=forward,
-        fingerprint=f"efficientnet_lite0-{sha}-{layer}-{describe(cfg)}-{size}-{resize_name}-{dtype.name}-in127",
+    return cnn_backbone(
+        cfg, name="efficientnet_lite0", module=EfficientNetLite0, layers=LAYERS, default_layer="head",
+        params=load_params(path), weights_sha=W.sha256_file(path)[:16], preprocess=preprocess,
+        normalisation="in127",
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -17,9 +16,8 @@ import numpy as np
 
 from cbir_jax import torch_pickle
 from cbir_jax.backbones import weights as W
-from cbir_jax.backbones.base import BACKBONES, Backbone
+from cbir_jax.backbones.base import BACKBONES, Backbone, cnn_backbone
 from cbir_jax.imageops import RESIZERS
-from cbir_jax.pooling import build_pooling, describe
 
 # torchvision's ImageNet normalisation, on pixels scaled to [0, 1].
 MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32)
@@ -122,28 +120,9 @@ def apply(params: dict, batch: jax.Array, output: str = "layer4") -> jax.Array:
 
 @BACKBONES.register("resnet50")
 def build(cfg) -> Backbone:
-    layer = cfg.layer or "layer4"
-    if layer not in LAYERS:
-        raise ValueError(f"resnet50 has no layer {layer!r}; valid: {', '.join(LAYERS)}")
-    size, resize_name = int(cfg.image_size), str(cfg.resize)
-    RESIZERS[resize_name]  # fail at build time on an unknown resizer
-    dtype = jnp.dtype(cfg.dtype)
     path = check_weights_path(cfg.weights)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), load_params(path))
-    pool = build_pooling(cfg)
-
-    @jax.jit
-    def _forward(params: dict, batch: jax.Array) -> jax.Array:
-        fmap = ResNet50(output=layer).apply({"params": params}, batch.astype(dtype))
-        return pool(fmap.astype(jnp.float32))
-
-    forward: Callable[[jax.Array], jax.Array] = functools.partial(_forward, params)
-    sha = W.sha256_file(path)[:16]
-    return Backbone(
-        name="resnet50",
-        image_size=size,
-        feature_dim=LAYERS[layer],
-        preprocess=functools.partial(preprocess, size=size, resize=resize_name),
-        forward=forward,
-        fingerprint=f"resnet50-{sha}-{layer}-{describe(cfg)}-{size}-{resize_name}-{dtype.name}-imagenet",
+    return cnn_backbone(
+        cfg, name="resnet50", module=ResNet50, layers=LAYERS, default_layer="layer4",
+        params=load_params(path), weights_sha=W.sha256_file(path)[:16], preprocess=preprocess,
+        normalisation="imagenet",
     )
