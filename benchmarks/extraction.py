@@ -12,23 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
-from typing import Callable
 
 import numpy as np
 
+from benchmarks.timing import times
+
 JOB = "feature extraction (efficientnet_lite0, 224px)"
 BATCH = 32
-
-
-def _time(fn: Callable[[], None], repeats: int) -> list[float]:
-    fn()  # warm-up (and, for JAX, compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _ours(batch: np.ndarray, repeats: int) -> list[float]:
@@ -39,7 +29,7 @@ def _ours(batch: np.ndarray, repeats: int) -> list[float]:
 
     backbone = build_backbone(BackboneConfig(name="efficientnet_lite0", image_size=224, pooling="gap"))
     x = jax.device_put(batch)
-    return _time(lambda: backbone.forward(x).block_until_ready(), repeats)
+    return times(lambda: backbone.forward(x).block_until_ready(), repeats)
 
 
 def _peer(batch: np.ndarray, repeats: int) -> list[float] | None:
@@ -59,7 +49,7 @@ def _peer(batch: np.ndarray, repeats: int) -> list[float] | None:
         with torch.no_grad():
             model.extract_features(x).mean(dim=(2, 3))
 
-    return _time(step, repeats)
+    return times(step, repeats)
 
 
 def run(quick: bool) -> list[dict]:

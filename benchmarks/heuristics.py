@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+from benchmarks.timing import times
 from cbir_jax.heuristics import dhash, ssim_pairs
 
 
 def _times(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    fn()  # warm-up (includes compilation for ours)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
+    ts = times(fn, reps)
     return min(ts), statistics.median(ts)
 
 

@@ -23,9 +23,11 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
+
+from benchmarks.timing import times
 
 D, K, HIDDEN = 1280, 10, 512
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,23 +37,13 @@ LIMITS: dict[str, float] = {"gflops": 0.0, "gbps": 0.0}
 # ---- measuring -------------------------------------------------------------------------------------------
 
 
-def _times(fn: Callable[[], Any], reps: int) -> list[float]:
-    fn()  # warm-up (and compilation)
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def measure_limits(reps: int = 3) -> None:
     """Updates LIMITS with the best sgemm GFLOP/s and streaming read GB/s seen so far."""
     a = np.random.default_rng(0).random((4096, 4096), dtype=np.float32)
-    LIMITS["gflops"] = max(LIMITS["gflops"], 2 * 4096**3 / min(_times(lambda: a @ a, reps)) / 1e9)
+    LIMITS["gflops"] = max(LIMITS["gflops"], 2 * 4096**3 / min(times(lambda: a @ a, reps)) / 1e9)
     m = np.ones((1 << 18, 1024), np.float32)  # 1 GiB; the values do not matter to bandwidth
     v = np.ones(1024, np.float32)
-    LIMITS["gbps"] = max(LIMITS["gbps"], m.nbytes / min(_times(lambda: m @ v, reps)) / 1e9)
+    LIMITS["gbps"] = max(LIMITS["gbps"], m.nbytes / min(times(lambda: m @ v, reps)) / 1e9)
 
 
 def _fraction(flops: float | None, nbytes: float | None, seconds: float) -> str:
@@ -125,10 +117,10 @@ def fixed_metric_rows(sizes: list[int], reps: int) -> list[dict]:
             res: dict[tuple[str, int], tuple[list[float], np.ndarray]] = {}
             for b in (1, 256):
                 qj = jnp.asarray(q_all[:b])
-                t = _times(lambda: jax.block_until_ready(ranking.top_k(scorer, state, qj, k=K)), r)
+                t = times(lambda: jax.block_until_ready(ranking.top_k(scorer, state, qj, k=K)), r)
                 res[("ours", b)] = (t, np.asarray(ranking.top_k(scorer, state, qj, k=K)[1]))
                 q = q_all[:b]
-                t = _times(lambda: _numpy_search(metric, g, g_term, q), r)
+                t = times(lambda: _numpy_search(metric, g, g_term, q), r)
                 res[("numpy", b)] = (t, _numpy_search(metric, g, g_term, q))
             del state
             if faiss is not None:
@@ -138,7 +130,7 @@ def fixed_metric_rows(sizes: list[int], reps: int) -> list[dict]:
                     index.add(block / np.linalg.norm(block, axis=1, keepdims=True) if metric == "cosine" else block)
                 for b in (1, 256):
                     q = q_all[:b] / np.linalg.norm(q_all[:b], axis=1, keepdims=True) if metric == "cosine" else q_all[:b]
-                    t = _times(lambda: index.search(q, K), r)
+                    t = times(lambda: index.search(q, K), r)
                     res[("faiss", b)] = (t, index.search(q, K)[1])
                 del index
             for b in (1, 256):
@@ -172,13 +164,13 @@ def storage_rows(n: int, reps: int) -> list[dict]:
     qj = jnp.asarray(q)
     base = scorers.fixed_scorer("cosine")
     state = base.prepare(jax.device_put(g))
-    t32 = _times(lambda: jax.block_until_ready(ranking.top_k(base, state, qj, k=K)), reps)
+    t32 = times(lambda: jax.block_until_ready(ranking.top_k(base, state, qj, k=K)), reps)
     i32 = np.asarray(ranking.top_k(base, state, qj, k=K)[1])
     rows = []
     for dtype in (jnp.bfloat16, jnp.float16):
         scorer = scorers.with_storage(base, dtype)
         st = scorer.prepare(jax.device_put(g))
-        t = _times(lambda: jax.block_until_ready(ranking.top_k(scorer, st, qj, k=K)), reps)
+        t = times(lambda: jax.block_until_ready(ranking.top_k(scorer, st, qj, k=K)), reps)
         i = np.asarray(ranking.top_k(scorer, st, qj, k=K)[1])
         note = (f"recall@{K} vs float32 {_agreement(i, i32):.3f}; gallery {g.nbytes / 2**30:.2f} -> "
                 f"{st[0]['g'].nbytes / 2**30:.2f} GiB; chunks widened to float32")
@@ -224,11 +216,11 @@ def mlp_rows(cases: list[tuple[int, int]], reps: int, naive_cases: list[tuple[in
         scorer = scorers.pair_scorer("mlp", head, params, fast=fast)
         state = scorer.prepare(jax.device_put(g))
         qj = jnp.asarray(q)
-        t = _times(lambda: jax.block_until_ready(ranking.top_k(scorer, state, qj, k=K, chunk=2048)), reps)
+        t = times(lambda: jax.block_until_ready(ranking.top_k(scorer, state, qj, k=K, chunk=2048)), reps)
         pairs = b * n
         if fast:
             i_ours = np.asarray(ranking.top_k(scorer, state, qj, k=K, chunk=2048)[1])
-            t_np = _times(lambda: _numpy_mlp_top_k(layers, g, q), reps)
+            t_np = times(lambda: _numpy_mlp_top_k(layers, g, q), reps)
             i_np = _numpy_mlp_top_k(layers, g, q)
             note = (f"top-{K} agreement {_agreement(i_ours, i_np):.3f}; ours {pairs * flops_per_pair / min(t) / 1e9:.1f} "
                     f"GFLOP/s, numpy {pairs * flops_per_pair / min(t_np) / 1e9:.1f}; median ours "
