@@ -23,6 +23,9 @@ class SplitConfig:
     train_fraction: float = 0.5
     # None: every evaluation image is a query against all the others (leave-one-out).
     query_fraction: Optional[float] = None
+    # Share of the training side held out for validation (model selection, hyper-parameters); by=class
+    # takes whole training categories, by=image images of every category, by=none none (no labels).
+    val_fraction: float = 0.0
     seed: int = 0
 
 

@@ -2,6 +2,10 @@
 
 `by=class` holds whole categories out, so evaluation measures generalisation to unseen categories.
 `by=none` trains on the gallery itself (the self-supervised protocol): labels are never read for it.
+
+Validation (`val_fraction`) is carved from the *training* side only, the same way the held-out side is:
+whole training categories for `by=class`, images of every category for `by=image`. Model selection and
+hyper-parameters are chosen on it, so the held-out categories are never looked at before the final table.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ class Split:
     query: np.ndarray  # rows used as queries
     gallery: np.ndarray  # rows searched
     self_index: np.ndarray  # per query: its position in `gallery`, or -1 if it is not there
+    # Validation rows, taken out of the training side (empty unless `val_fraction` > 0); each is a
+    # leave-one-out query against the others.
+    val: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def _queries_and_gallery(eval_rows: np.ndarray, query_fraction: Optional[float], rng) -> tuple:
@@ -61,4 +68,30 @@ def make_split(cfg, n: int, labels: Callable[[], Optional[np.ndarray]]) -> Split
     if len(train) < 2 or len(eval_rows) < 2:
         raise DataError(f"data.split.by={cfg.by}: too few images ({len(train)} train, {len(eval_rows)} eval)")
     query, gallery, self_index = _queries_and_gallery(eval_rows, cfg.query_fraction, rng)
-    return Split(train=train, query=query, gallery=gallery, self_index=self_index)
+    train, val = _carve_validation(cfg, train, labels, np.random.default_rng([cfg.seed, 1]))
+    return Split(train=train, query=query, gallery=gallery, self_index=self_index, val=val)
+
+
+def _carve_validation(cfg, train: np.ndarray, labels, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): a `val_fraction` share of the training side, by class or by image as the split is."""
+    fraction = getattr(cfg, "val_fraction", 0.0) or 0.0
+    if fraction <= 0 or cfg.by == "none":  # by=none reads no labels, so it has no labelled validation
+        return train, np.zeros(0, np.int64)
+    y = labels()[train]
+    classes = np.unique(y)
+    if cfg.by == "class":
+        n_val = int(round(fraction * len(classes)))
+        if n_val < 2 or len(classes) - n_val < 1:
+            raise DataError(
+                f"data.split.val_fraction={fraction}: {len(classes)} training classes give {n_val} validation "
+                "classes; at least 2 are needed (and 1 left to train)"
+            )
+        is_val = np.isin(y, rng.permutation(classes)[:n_val])
+    else:
+        is_val = np.zeros(len(train), bool)
+        for c in classes:
+            members = np.flatnonzero(y == c)
+            is_val[rng.permutation(members)[: int(round(fraction * len(members)))]] = True
+    if is_val.sum() < 2 or (~is_val).sum() < 2:
+        raise DataError(f"data.split.val_fraction={fraction}: too few images on one side of the validation split")
+    return train[~is_val], train[is_val]

@@ -60,6 +60,20 @@ def test_class_split_holds_whole_classes_out():
     np.testing.assert_array_equal(split.self_index, np.arange(len(split.query)))
 
 
+def test_validation_is_carved_from_training_classes_only():
+    labels = np.repeat(np.arange(20), 4)
+    plain = make_split(SplitConfig(by="class", train_fraction=0.5, seed=3), len(labels), lambda: labels)
+    split = make_split(SplitConfig(by="class", train_fraction=0.5, seed=3, val_fraction=0.4), len(labels), lambda: labels)
+    np.testing.assert_array_equal(split.gallery, plain.gallery)  # the held-out side does not move
+    assert set(split.train) | set(split.val) == set(plain.train) and not set(split.train) & set(split.val)
+    assert len(set(labels[split.val])) == 4 and not set(labels[split.val]) & set(labels[split.train])
+    few = np.repeat(np.arange(5), 8)
+    by_image = make_split(SplitConfig(by="image", val_fraction=0.25), len(few), lambda: few)
+    assert set(few[by_image.val]) == set(few[by_image.train]) == set(range(5))  # every class on both sides  # every class on both sides
+    with pytest.raises(DataError, match="val_fraction"):
+        make_split(SplitConfig(by="class", val_fraction=0.05), len(labels), lambda: labels)
+
+
 def test_query_fraction_separates_queries_from_gallery():
     labels = np.repeat(np.arange(4), 10)
     split = make_split(SplitConfig(by="image", train_fraction=0.5, query_fraction=0.25), 40, lambda: labels)
