@@ -135,6 +135,18 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class ServeConfig:
+    """`python -m cbir_jax.serve`: the search page."""
+
+    host: str = "127.0.0.1"  # loopback: nobody else on the network can reach the page unless told to
+    port: int = 8000
+    # Scorers shown side by side, after the checkpoint's head when one is given: fixed metrics or re-rankers.
+    scorers: list[str] = dataclasses.field(default_factory=lambda: ["cosine", "dba_alpha_qe"])
+    max_upload_bytes: int = 8 * 2**20
+    max_pixels: int = 36_000_000  # larger uploads are refused before decoding (a decompression bomb)
+
+
+@dataclasses.dataclass
 class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
@@ -145,6 +157,7 @@ class Config:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
     seed: int = 0
     cache_dir: str = ".cache/cbir_jax"
     # evaluate / search: a training run directory whose checkpoint and saved config are used.

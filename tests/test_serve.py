@@ -1,0 +1,274 @@
+"""The search page's engine and HTTP surface: answers, path traversal, uploads that must be refused.
+
+Served by real uvicorn on loopback (raw requests through http.client, so `../` reaches the server
+unnormalised) over a tiny labelled folder whose answers are known: one image is stored twice.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
+
+from cbir_jax.cli import to_typed  # noqa: E402
+from cbir_jax.serve import server  # noqa: E402
+from cbir_jax.serve.app import create_app  # noqa: E402
+from cbir_jax.serve.gallery import prepare_gallery, search_row  # noqa: E402
+from helpers import compose_config  # noqa: E402
+
+CANARY = b"TOP-SECRET-CANARY"
+MAX_UPLOAD = 200_000
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photo_crops() -> list[np.ndarray]:
+    from skimage import data
+
+    out = []
+    for photo in (data.astronaut(), data.coffee(), data.chelsea()):
+        for i in range(3):
+            out.append(np.ascontiguousarray(photo[40 * i : 40 * i + 96, 30 * i : 30 * i + 96]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A labelled folder (3 classes x 3 crops, plus one crop stored twice), symlinks out of its root,
+    and a secret file beside it; served in the background."""
+    base = tmp_path_factory.mktemp("serve")
+    root, outside = base / "gallery", base / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(CANARY)
+    (outside / "secret.png").write_bytes(_png(np.full((40, 40, 3), (255, 0, 255), np.uint8)))
+    crops = _photo_crops()
+    for c, name in enumerate(("astronaut", "coffee", "cat")):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            (root / name / f"{i}.png").write_bytes(_png(crops[3 * c + i]))
+    (root / "cat" / "0_copy.png").write_bytes((root / "cat" / "0.png").read_bytes())
+    os.symlink(outside / "secret.png", root / "cat" / "link.png")
+    os.symlink(outside, root / "coffee" / "linked_dir")
+    cfg = compose_config("data=folder", f"data.root={root}", "serve.scorers=[cosine,dba_alpha_qe]")
+    limits = to_typed(cfg).serve
+    limits.max_upload_bytes = MAX_UPLOAD
+    limits.max_pixels = 4_000_000
+    gallery = prepare_gallery(cfg)
+    with server.in_background(create_app(gallery, limits)) as url:
+        yield {"gallery": gallery, "url": url, "root": root}
+
+
+def _get(url: str, path: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+    """A raw request: the path is sent exactly as given (no client-side normalisation)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.getheader("content-type", ""), r.read()
+    finally:
+        conn.close()
+
+
+def _json(url: str, path: str, **kw) -> tuple[int, dict]:
+    import json
+
+    status, _, body = _get(url, path, **kw)
+    return status, json.loads(body)
+
+
+def test_symlinks_out_of_the_root_are_not_in_the_gallery(site):
+    ids = site["gallery"].ids
+    assert len(ids) == 10, ids  # 9 crops + the copy; neither link.png nor linked_dir/*
+    assert not any("link" in i for i in ids)
+    status, body = _json(site["url"], "/api/gallery?limit=200")
+    assert status == 200 and body["size"] == 10 and [it["id"] for it in body["items"]] == ids
+
+
+def test_a_gallery_query_finds_its_duplicate_first_and_never_itself(site):
+    gallery = site["gallery"]
+    row = gallery.ids.index(os.path.join("cat", "0.png"))
+    twin = gallery.ids.index(os.path.join("cat", "0_copy.png"))
+    status, body = _json(site["url"], f"/api/search/{row}")
+    assert status == 200 and body["query"]["row"] == row
+    assert [r["scorer"] for r in body["results"]] == ["cosine", "dba_alpha_qe"]
+    labels = gallery.labels
+    for column in body["results"]:
+        hits = column["hits"]
+        assert len(hits) == len(gallery) - 1  # k=10 but only 9 others: padding is never shown
+        assert row not in [h["row"] for h in hits]
+        assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
+        assert all(h["relevant"] == bool(labels[h["row"]] == labels[row]) for h in hits)
+        assert column["ms"] > 0
+    cosine = body["results"][0]["hits"]
+    assert cosine[0]["row"] == twin and cosine[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert [h["score"] for h in cosine] == sorted((h["score"] for h in cosine), reverse=True)
+
+
+def test_an_uploaded_gallery_image_ranks_itself_first(site):
+    gallery = site["gallery"]
+    row = gallery.ids.index(os.path.join("coffee", "1.png"))
+    data = (site["root"] / "coffee" / "1.png").read_bytes()
+    status, body = _json(site["url"], "/api/search", method="POST", body=data)
+    assert status == 200 and body["query"]["row"] is None
+    top = body["results"][0]["hits"][0]
+    assert top["row"] == row and top["score"] == pytest.approx(1.0, abs=1e-5)
+    assert all(h["relevant"] is None for c in body["results"] for h in c["hits"])  # no label for an upload
+
+
+def test_the_engine_ranks_without_the_web_layer(site):
+    ranked = search_row(site["gallery"], 0)
+    assert [r.scorer for r in ranked] == ["cosine", "dba_alpha_qe"]
+    assert all(0 not in r.rows and np.all(np.diff(r.scores) <= 0) for r in ranked)
+
+
+def test_images_are_served_by_row_only(site):
+    status, ctype, body = _get(site["url"], "/image/0?full=true")
+    assert status == 200 and ctype == "image/jpeg"
+    assert Image.open(io.BytesIO(body)).size == (96, 96)
+    status, _, body = _get(site["url"], "/image/0")
+    assert status == 200 and max(Image.open(io.BytesIO(body)).size) <= 192
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/image/../../outside/secret.txt",
+        "/image/..%2F..%2Foutside%2Fsecret.txt",
+        "/image/%2e%2e%2f%2e%2e%2foutside%2fsecret.txt",
+        "/image/%252e%252e%252foutside%252fsecret.txt",
+        "/image/..%5c..%5coutside%5csecret.txt",
+        "/image/%c0%ae%c0%ae%c0%afsecret.txt",
+        "/image//etc/passwd",
+        "/image/%2Fetc%2Fpasswd",
+        "/image/-1",
+        "/image/10",
+        "/image/99999999999999999999",
+        "/image/0x1",
+        "/image/cat%2Flink.png",
+        "/image/cat/link.png",
+        "/static/../gallery.py",
+        "/static/..%2Fgallery.py",
+        "/static/%2e%2e%2fgallery.py",
+        "/static/%2e%2e/__init__.py",
+        "/static/..%5Capp.py",
+        "/static//etc/passwd",
+        "/static/%2Fetc%2Fpasswd",
+        "/static/index.html",
+        "/../../outside/secret.txt",
+        "/%2e%2e/%2e%2e/outside/secret.txt",
+        "/cbir_jax/serve/app.py",
+        "/docs",
+        "/openapi.json",
+    ],
+)
+def test_path_traversal_is_refused(site, path):
+    status, _, body = _get(site["url"], path)
+    assert status in (400, 404, 422), (path, status)
+    assert CANARY not in body and b"import" not in body and b"root:" not in body
+
+
+def test_a_client_supplied_path_is_ignored(site):
+    secret = site["root"].parent / "outside" / "secret.png"
+    status, _, body = _get(site["url"], f"/image/0?path={secret}&file={secret}")
+    assert status == 200 and body == _get(site["url"], "/image/0")[2]
+
+
+def test_own_assets_are_served(site):
+    for path, kind in (("/", "text/html"), ("/static/app.js", "text/javascript"), ("/static/style.css", "text/css")):
+        status, ctype, body = _get(site["url"], path)
+        assert status == 200 and ctype.startswith(kind) and body
+
+
+def _bomb_png(side: int) -> bytes:
+    """A complete 1-bit PNG of side x side zeros: a few KB that would decode to side² pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + (side + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _truncated_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_photo_crops()[0]).save(buf, format="JPEG")
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+@pytest.mark.parametrize(
+    "name, body, status, message",
+    [
+        ("text", b"hello, not an image\n" * 10, 400, "not a readable image"),
+        ("truncated", _truncated_jpeg(), 400, "truncated"),
+        ("bomb over the page's pixel limit", _bomb_png(4_000), 413, "4000x4000 pixels"),
+        ("bomb over PIL's own limit", _bomb_png(16_000), 400, "DecompressionBombError"),
+        ("empty", b"", 400, "empty"),
+        ("too large", b"\0" * (MAX_UPLOAD + 1), 413, "limit"),
+    ],
+)
+def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(site, name, body, status, message):
+    got, reply = _json(site["url"], "/api/search", method="POST", body=body)
+    assert got == status, (name, reply)
+    assert message in reply["detail"] and "BytesIO" not in reply["detail"]
+    assert _json(site["url"], "/api/search/0")[0] == 200
+
+
+def test_an_undeclared_oversized_upload_is_cut_off(site):
+    """Chunked transfer (no Content-Length): the limit is enforced while reading."""
+    parts = urlsplit(site["url"])
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("POST", "/api/search", body=iter([b"\0" * 65536] * 8), encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and b"limit" in r.read()
+    conn.close()
+    assert _json(site["url"], "/api/search/0")[0] == 200
+
+
+def test_a_taken_port_is_a_one_line_error():
+    sock = server.bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(server.ServeError, match="cannot listen"):
+            server.bind("127.0.0.1", sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+@pytest.mark.slow
+def test_one_command_starts_the_page_on_loopback(tmp_path):
+    """`python -m cbir_jax.serve` prints a loopback URL that answers (the embedded set, pixels: fast)."""
+    project = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "cbir_jax.serve", "backbone=pixels", "backbone.image_size=16",
+           "data.views_per_image=2", "serve.port=0", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        for line in proc.stdout:
+            if line.startswith("search page: "):
+                break
+        url = line.split()[2]
+        assert url.startswith("http://127.0.0.1:")
+        status, body = _json(url, "/api/gallery")
+        assert status == 200 and body["size"] == 42 and body["scorers"] == ["cosine", "dba_alpha_qe"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
