@@ -67,7 +67,7 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         return load_image_file(buffer)
     except ImageLoadError as e:  # PIL names an in-memory file by its repr
-        raise ImageLoadError(str(e).replace(repr(buffer), "the upload")) from None
+        raise ImageLoadError(str(e).replace(" " + repr(buffer), "")) from None
 
 
 def _row(gallery: PreparedGallery, row: int) -> dict[str, Any]:

@@ -54,7 +54,9 @@ function hitCard(hit) {
   const meta = el("div", "meta");
   const mark = hit.relevant === null ? "" : hit.relevant ? "✓ " : "✗ ";
   meta.appendChild(el("span", "rank", `${mark}#${hit.rank}`));
-  meta.appendChild(el("span", "score", hit.score.toFixed(4)));
+  const score = el("span", "score", hit.score.toFixed(4));
+  score.title = String(hit.score);
+  meta.appendChild(score);
   const full = el("a", "full", "⤢");
   full.href = `/image/${hit.row}?full=true`;
   full.target = "_blank";
@@ -88,7 +90,7 @@ function showResults(results) {
   }
 }
 
-async function run(request, imageUrlFor) {
+async function run(request, imageUrlFor, what) {
   setBusy(true);
   try {
     const body = await getJson(await request());
@@ -96,14 +98,14 @@ async function run(request, imageUrlFor) {
     showQuery(body.query, imageUrlFor(body.query));
     showResults(body.results);
   } catch (e) {
-    showError(e.message);
+    showError(`${what}: ${e.message}`);
   } finally {
     setBusy(false);
   }
 }
 
 function searchRow(row) {
-  return run(() => fetch(`/api/search/${row}`), () => `/image/${row}`);
+  return run(() => fetch(`/api/search/${row}`), () => `/image/${row}`, `gallery image #${row}`);
 }
 
 function searchUpload(file) {
@@ -111,6 +113,7 @@ function searchUpload(file) {
   return run(
     () => fetch("/api/search", { method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" } }),
     (query) => { query.id = file.name; return url; },
+    file.name,
   );
 }
 
