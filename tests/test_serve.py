@@ -272,3 +272,31 @@ def test_one_command_starts_the_page_on_loopback(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_checkpoint_puts_its_head_first_and_ranks_as_the_head_scores(tmp_path):
+    """`checkpoint=RUN`: the trained head is a column, and its top-k equals scoring every pair one by one."""
+    import jax
+    import jax.numpy as jnp
+    from omegaconf import OmegaConf
+
+    from cbir_jax import checkpointing, heads, scorers
+    from cbir_jax.train import train
+
+    run = tmp_path / "run"
+    cfg = compose_config("train.evaluate=false", "data.views_per_image=2")
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # what Hydra writes for a real run
+    train(to_typed(cfg), run)
+    gallery = prepare_gallery(compose_config(f"checkpoint={run}", "data.views_per_image=2", "serve.scorers=[cosine]"))
+    assert list(gallery.scorers) == ["mlp", "cosine"]
+    ranked = search_row(gallery, 3)[0]
+    module = heads.build_head(to_typed(cfg).head)
+    params = checkpointing.restore_params(run, heads.init_params(module, gallery.features.shape[1], jax.random.key(0)))
+    pairwise = scorers.pair_scorer("mlp", module, params, fast=False)  # one MLP application per pair
+    rows, shared = pairwise.prepare(jnp.asarray(gallery.features))
+    every = np.array(pairwise.score(rows, shared, jnp.asarray(gallery.features[3:4]), jnp.asarray([3])))[0]
+    every[3] = -np.inf
+    order = np.argsort(-every, kind="stable")[: gallery.k]
+    np.testing.assert_allclose(ranked.scores, every[order], rtol=1e-4, atol=1e-5)
+    assert set(ranked.rows.tolist()) == set(order.tolist())

@@ -71,12 +71,14 @@ class PreparedGallery:
         return self.class_names[int(self.labels[row])]
 
 
-def _gallery_scorers(cfg: Config, cfg_dict: DictConfig, overridden: frozenset[str]):
+def _gallery_scorers(now: Config, cfg_dict: DictConfig, overridden: frozenset[str]):
     """(config, stage, scorers): the checkpoint's head first when one is given, then `serve.scorers`."""
+    cfg = now
     chosen: dict[str, scorers.Scorer] = {}
     if cfg.checkpoint:
         run = Path(cfg.checkpoint)
         cfg, info = load_trained(run, cfg_dict, overridden)
+        cfg = dataclasses.replace(cfg, serve=now.serve)  # the page's settings are today's, never the run's
         stage = load_stage(cfg, split_by="none")
         chosen[cfg.head.name] = trained_scorer(cfg, run, info, stage)
     else:
