@@ -12,6 +12,7 @@ import functools
 import io
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -61,6 +62,9 @@ class PreparedGallery:
     scorers: dict[str, tuple[scorers.Scorer, Any, int]]
     k: int
     load: Callable[[int], np.ndarray]  # row -> uint8 HxWx3
+    # One device computation at a time, so the time a scorer shows is its own: with 16 concurrent
+    # requests on 2 cores, unserialised ranking read 117 ms at p50 for 5 ms of work (benchmarks/load_serve.py).
+    device: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -149,7 +153,9 @@ def warm_up(gallery: PreparedGallery) -> None:
 def query_feature(gallery: PreparedGallery, image: np.ndarray) -> np.ndarray:
     """An image's feature (1, D), post-processed as the gallery's: one backbone forward pass."""
     backbone = gallery.backbone
-    raw = np.asarray(backbone.forward(jnp.asarray(backbone.preprocess(image)[None])))
+    x = jnp.asarray(backbone.preprocess(image)[None])
+    with gallery.device:
+        raw = np.asarray(backbone.forward(x))
     return np.asarray(postprocess.apply(gallery.post, raw), np.float32)
 
 
@@ -159,10 +165,11 @@ def rank(gallery: PreparedGallery, query: np.ndarray, self_row: int = -1) -> lis
     self_index = jnp.asarray([self_row], jnp.int32)
     out = []
     for name, (scorer, state, chunk) in gallery.scorers.items():
-        start = time.perf_counter()
-        s, i = ranking.top_k(scorer, state, q, k=gallery.k, chunk=chunk, self_index=self_index, exclude_self=True)
-        s, i = np.asarray(s)[0], np.asarray(i)[0]  # waits for the device
-        ms = (time.perf_counter() - start) * 1e3
+        with gallery.device:
+            start = time.perf_counter()
+            s, i = ranking.top_k(scorer, state, q, k=gallery.k, chunk=chunk, self_index=self_index, exclude_self=True)
+            s, i = np.asarray(s)[0], np.asarray(i)[0]  # waits for the device
+            ms = (time.perf_counter() - start) * 1e3
         valid = i >= 0
         out.append(Ranked(scorer=name, rows=i[valid], scores=s[valid], ms=ms))
     return out
