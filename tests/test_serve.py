@@ -259,12 +259,15 @@ def test_one_command_starts_the_page_on_loopback(tmp_path):
     project = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "cbir_jax.serve", "backbone=pixels", "backbone.image_size=16",
            "data.views_per_image=2", "serve.port=0", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         line = ""
         for line in proc.stdout:
             if line.startswith("search page: "):
                 break
+        assert line.startswith("search page: "), f"the page did not start: {log.read_text()[-2000:]}"
         url = line.split()[2]
         assert url.startswith("http://127.0.0.1:")
         status, body = _json(url, "/api/gallery")
