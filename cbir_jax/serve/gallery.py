@@ -32,6 +32,7 @@ from cbir_jax.data import DataError
 from cbir_jax.evaluate import baseline_scorer, load_trained, trained_scorer
 from cbir_jax.features import FeatureSet
 from cbir_jax.pipeline import load_stage
+from cbir_jax.registry import UnknownComponentError
 
 log = logging.getLogger(__name__)
 THUMB_SIZE = 192
@@ -76,9 +77,18 @@ class PreparedGallery:
 
 
 def _gallery_scorers(now: Config, cfg_dict: DictConfig, overridden: frozenset[str]):
-    """(config, stage, scorers): the checkpoint's head first when one is given, then `serve.scorers`."""
-    cfg = now
+    """(config, stage, scorers): the checkpoint's head first when one is given, then `serve.scorers`.
+
+    The named scorers are built first, so a typo fails before any features are loaded.
+    """
+    named = {}
+    for name in now.serve.scorers:
+        try:
+            named[name] = baseline_scorer(name)
+        except UnknownComponentError as e:  # its message names eval.baselines, where evaluate reads them
+            raise UnknownComponentError(str(e).replace("eval.baselines", "serve.scorers")) from None
     chosen: dict[str, scorers.Scorer] = {}
+    cfg = now
     if cfg.checkpoint:
         run = Path(cfg.checkpoint)
         cfg, info = load_trained(run, cfg_dict, overridden)
@@ -88,11 +98,11 @@ def _gallery_scorers(now: Config, cfg_dict: DictConfig, overridden: frozenset[st
     else:
         if "head" in overridden and heads.is_learned(cfg.head.name):
             raise CheckpointError(f"head={cfg.head.name} is learned: pass checkpoint=RUN_DIR (or serve.scorers=[...])")
+        if not named:
+            raise DataError("serve.scorers is empty and no checkpoint was given: nothing to rank with")
         stage = load_stage(cfg, split_by="none")
-    for name in cfg.serve.scorers:
-        chosen.setdefault(name, baseline_scorer(name))
-    if not chosen:
-        raise DataError("serve.scorers is empty and no checkpoint was given: nothing to rank with")
+    for name, scorer in named.items():
+        chosen.setdefault(name, scorer)
     return cfg, stage, chosen
 
 
