@@ -63,8 +63,9 @@ class PreparedGallery:
     scorers: dict[str, tuple[scorers.Scorer, Any, int]]
     k: int
     load: Callable[[int], np.ndarray]  # row -> uint8 HxWx3
-    # One device computation at a time, so the time a scorer shows is its own: with 16 concurrent
-    # requests on 2 cores, unserialised ranking read 117 ms at p50 for 5 ms of work (benchmarks/load_serve.py).
+    # One device computation at a time, so the time a scorer shows is its own. Without it, 16 concurrent
+    # requests on 2 cores showed 117 ms at p50 for 5 ms of work (Caltech dev, `python -m
+    # benchmarks.load_serve -- data=folder data.root=...`); end-to-end latency was the same either way.
     device: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def __len__(self) -> int:
