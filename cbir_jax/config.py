@@ -87,6 +87,29 @@ class PairsConfig:
 
 
 @dataclasses.dataclass
+class LearnedRerankConfig:
+    """`head=learned_rerank`: DBA + alpha-QE whose neighbour weights a transformer learns (learned_rerank.py)."""
+
+    k: int = 50  # neighbours per item, database side and query side
+    alpha: float = 3.0  # base DBA weights max(cos, 0)^alpha, corrected by the model
+    qe_k: int = 15
+    qe_alpha: float = 1.0
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    query_side: bool = True  # learned expansion of the query over its neighbours (False: the raw query)
+    database_side: bool = True  # learned weights for the gallery's DBA vectors (False: DBA's own)
+    targets: str = "supervised"  # supervised (same class) | self_supervised (DBA + alpha-QE pseudo-labels)
+    pseudo_positives: int = 20  # self_supervised: nearest rows counted relevant
+    queries_per_step: int = 128  # each step: this many training rows are queries, the rest the gallery
+    temperature: float = 0.05
+    val_every: int = 5  # epochs between validation MAP@R measurements
+    # fixed: k, alpha, qe_k, qe_alpha as set above; tuned: those of DBA + alpha-QE grid-searched on the
+    # validation rows (cbir_jax/tuning.py), so the model starts from the best non-learned re-ranker.
+    base: str = "fixed"
+
+
+@dataclasses.dataclass
 class HeadConfig:
     name: str = "mlp"
     hidden: list[int] = dataclasses.field(default_factory=lambda: [512])
@@ -94,6 +117,7 @@ class HeadConfig:
     dropout: float = 0.0
     rank: int = 128  # cosine_residual: rank of the learned correction x + B(A x)
     rerank: str = "none"  # cosine_residual: none | alpha_qe | dba_alpha_qe | diffusion on the learned embedding
+    reranker: LearnedRerankConfig = dataclasses.field(default_factory=LearnedRerankConfig)
 
 
 @dataclasses.dataclass
@@ -132,6 +156,9 @@ class EvalConfig:
         default_factory=lambda: ["euclid", "cosine", "ssim", "ssim_ratio"]
     )
     figure: bool = True
+    # Re-rankers shown once more at parameters grid-searched on the validation rows (data.split.val_fraction;
+    # cbir_jax/tuning.py), e.g. [dba_alpha_qe, diffusion]: the fair baseline for a learned scorer.
+    tuned_baselines: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from cbir_jax import checkpointing, figures, heads, postprocess, scorers
+from cbir_jax import checkpointing, figures, heads, postprocess, scorers, tuning
 from cbir_jax.cli import run_dir, run_or_exit, to_typed
 from cbir_jax.config import CONFIG_DIR, Config
 from cbir_jax.data import DataError
@@ -53,6 +53,13 @@ def evaluate_stage(
     for name in cfg.eval.baselines:
         if name not in all_scorers:
             all_scorers[name] = baseline_scorer(name)
+    if cfg.eval.tuned_baselines:
+        if len(split.val) == 0:
+            raise DataError("eval.tuned_baselines needs validation rows: set data.split.val_fraction > 0")
+        val = postprocess.apply(postprocess.fit(cfg.features, fs.features[split.val]), fs.features[split.val])
+        for name in cfg.eval.tuned_baselines:
+            scorer = tuning.tuned_scorer(name, val, labels[split.val], cfg.cache_dir)
+            all_scorers[scorer.name] = scorer
     results: dict[str, dict[str, float]] = {}
     for name, scorer in all_scorers.items():
         results[name] = evaluate_scorer(
@@ -93,7 +100,7 @@ def _dense_top_k(scorer, state, queries, self_index, k):
 
     from cbir_jax import ranking
 
-    s = np.asarray(ranking.score_all(scorer, state, jnp.asarray(queries), jnp.asarray(self_index, jnp.int32)))
+    s = np.array(ranking.score_all(scorer, state, jnp.asarray(queries), jnp.asarray(self_index, jnp.int32)))  # writable copy
     for r, si in enumerate(self_index):
         if si >= 0:
             s[r, si] = -np.inf
@@ -124,6 +131,10 @@ def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -
             f"checkpoint={run} was trained on {info['backbone']} features "
             f"(size {info['backbone_feature_dim']}), not on {stage.backbone.name} (size {stage.backbone.feature_dim})"
         )
+    if cfg.head.name == "learned_rerank":
+        from cbir_jax import rerank_training
+
+        return rerank_training.restore_scorer(cfg, run, info, cfg.head.name)
     head = heads.build_head(cfg.head)
     dim = int(info["feature_dim"])
     params = {}

@@ -38,7 +38,7 @@ EPS = 1e-12
 RERANKERS: Registry[Callable[..., Scorer]] = Registry("re-ranker")
 
 
-def _normalise(x: jax.Array) -> jax.Array:
+def l2_normalise(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), EPS)
 
 
@@ -48,17 +48,17 @@ def _mask_self(s: jax.Array, self_index: jax.Array) -> jax.Array:
     return jnp.where(cols == self_index[:, None], -jnp.inf, s)
 
 
-def _weights(sims: jax.Array, alpha: float) -> jax.Array:
+def weights_from_similarity(sims: jax.Array, alpha: float) -> jax.Array:
     """α-QE weights max(sim, 0)^α; -inf (masked) similarities weigh 0."""
     return jnp.where(jnp.isfinite(sims), jnp.maximum(sims, 0.0), 0.0) ** alpha
 
 
 def alpha_qe_scores(g: jax.Array, queries: jax.Array, self_index: jax.Array, k: int, alpha: float) -> jax.Array:
     """(B, N) cosine between α-expanded queries and the normalised gallery `g`."""
-    q = _normalise(queries)
+    q = l2_normalise(queries)
     s = _mask_self(q @ g.T, self_index)
     top_s, top_i = jax.lax.top_k(s, k)
-    expanded = _normalise(q + jnp.einsum("bk,bkd->bd", _weights(top_s, alpha), g[top_i]))
+    expanded = l2_normalise(q + jnp.einsum("bk,bkd->bd", weights_from_similarity(top_s, alpha), g[top_i]))
     return expanded @ g.T
 
 
@@ -97,7 +97,7 @@ def dba_alpha_qe_scores(
 ) -> jax.Array:
     """(B, N) cosine between α-expanded queries and leave-one-out DBA gallery vectors."""
     b, n = queries.shape[0], g.shape[0]
-    q = _normalise(queries)
+    q = l2_normalise(queries)
     coef = _dba_coefficients(members[:, 1:], nbr_w, self_index, k)  # (B, N, k+2)
     s = _mask_self(_dba_similarity(q @ g.T, members, gram, coef), self_index)
     top_s, top_i = jax.lax.top_k(s, qe_k)  # neighbours of q among the DBA vectors
@@ -105,7 +105,7 @@ def dba_alpha_qe_scores(
     rows = jnp.arange(b)[:, None]
     c_t = coef[rows, top_i]  # (B, qe_k, k+2)
     norm_t = jnp.sqrt(jnp.maximum(jnp.einsum("bta,btac,btc->bt", c_t, gram[top_i], c_t), EPS))
-    vals = (_weights(top_s, qe_alpha) / norm_t)[..., None] * c_t
+    vals = (weights_from_similarity(top_s, qe_alpha) / norm_t)[..., None] * c_t
     mix = jnp.zeros((b, n), g.dtype).at[jnp.broadcast_to(rows[..., None], vals.shape), members[top_i]].add(vals)
     expanded = q + mix @ g
     expanded = expanded / jnp.maximum(jnp.linalg.norm(expanded, axis=-1, keepdims=True), EPS)
@@ -118,11 +118,11 @@ def diffusion_scores(
 ) -> jax.Array:
     """(B, N) diffusion scores on the gallery graph `w` with each query's own node removed."""
     b, n = queries.shape[0], g.shape[0]
-    q = _normalise(queries)
+    q = l2_normalise(queries)
     cos = _mask_self(q @ g.T, self_index)
     top_s, top_i = jax.lax.top_k(cos, k_query)
     rows = jnp.arange(b)[:, None]
-    y = jnp.zeros((b, n), g.dtype).at[rows, top_i].set(_weights(top_s, gamma))
+    y = jnp.zeros((b, n), g.dtype).at[rows, top_i].set(weights_from_similarity(top_s, gamma))
     is_self = jnp.arange(n)[None, :] == self_index[:, None]  # (B, N)
     w_self = jnp.where(self_index[:, None] >= 0, w[jnp.maximum(self_index, 0)], 0.0)  # edges to the query
     degree = jnp.sum(w, axis=1)[None, :] - w_self
@@ -157,14 +157,14 @@ def _mutual_knn_graph(g: jax.Array, k: int, gamma: float) -> jax.Array:
     """(N, N) symmetric affinities max(cos, 0)^γ between mutual k-nearest neighbours."""
     n = g.shape[0]
     nbr_s, nbr_i = _gallery_neighbours(g, k)
-    a = jnp.zeros((n, n), g.dtype).at[jnp.arange(n)[:, None], nbr_i].set(_weights(nbr_s, gamma))
+    a = jnp.zeros((n, n), g.dtype).at[jnp.arange(n)[:, None], nbr_i].set(weights_from_similarity(nbr_s, gamma))
     return jnp.minimum(a, a.T)
 
 
 @RERANKERS.register("alpha_qe")
 def _alpha_qe(k: int = 10, alpha: float = 3.0) -> Scorer:
     def prepare(gallery):
-        return {"g": _normalise(gallery)}, None
+        return {"g": l2_normalise(gallery)}, None
 
     def score(rows, shared, queries, self_index):
         return alpha_qe_scores(rows["g"], queries, self_index, min(k, rows["g"].shape[0]), alpha)
@@ -175,13 +175,13 @@ def _alpha_qe(k: int = 10, alpha: float = 3.0) -> Scorer:
 @RERANKERS.register("dba_alpha_qe")
 def _dba_alpha_qe(k: int = 10, alpha: float = 3.0, qe_k: int = 10, qe_alpha: float = 3.0) -> Scorer:
     def prepare(gallery):
-        g = _normalise(gallery)
+        g = l2_normalise(gallery)
         kk = min(k + 1, g.shape[0] - 1)  # one spare neighbour replaces the query's entry when removed
         nbr_s, nbr_i = _gallery_neighbours(g, kk)
         members = jnp.concatenate([jnp.arange(g.shape[0])[:, None], nbr_i], axis=1)  # (N, k+2)
         vecs = g[members]
         gram = jnp.einsum("jad,jcd->jac", vecs, vecs)
-        return {"g": g, "members": members, "gram": gram, "nbr_w": _weights(nbr_s, alpha)}, None
+        return {"g": g, "members": members, "gram": gram, "nbr_w": weights_from_similarity(nbr_s, alpha)}, None
 
     def score(rows, shared, queries, self_index):
         n = rows["g"].shape[0]
@@ -196,7 +196,7 @@ def _dba_alpha_qe(k: int = 10, alpha: float = 3.0, qe_k: int = 10, qe_alpha: flo
 @RERANKERS.register("diffusion")
 def _diffusion(k: int = 20, gamma: float = 3.0, k_query: int = 10, beta: float = 0.99, iterations: int = 20) -> Scorer:
     def prepare(gallery):
-        g = _normalise(gallery)
+        g = l2_normalise(gallery)
         return {"g": g, "w": _mutual_knn_graph(g, min(k, g.shape[0] - 1), gamma)}, None
 
     def score(rows, shared, queries, self_index):
@@ -224,7 +224,7 @@ def _cosine_residual_form(head, params):
     """Embeds the gallery once; scores by cosine, or by `head.rerank` on the learned embeddings."""
 
     def embed(p, x):
-        return _normalise(head.apply({"params": p}, x, method=head.embed))
+        return l2_normalise(head.apply({"params": p}, x, method=head.embed))
 
     if head.rerank == "none":
 
