@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax import heuristics
+from cbir_jax.data import DataError
 from cbir_jax.registry import Registry
 
 
@@ -89,7 +90,7 @@ def ssim_dhash_label(ctx, i, j):
 def class_label(ctx, i, j):
     y = ctx.class_labels()
     if y is None:
-        raise ValueError("labels=class needs class labels; this dataset has none (use a heuristic label)")
+        raise DataError("labels=class needs class labels; this dataset has none (use a heuristic label)")
     return (y[i] == y[j]).astype(np.float32)
 
 
