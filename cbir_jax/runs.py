@@ -83,7 +83,10 @@ def check_output_dir(out_dir: Path, cfg: DictConfig, app: str) -> None:
                     "resume with the run's own settings or train into a new hydra.run.dir"
                 )
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-probe-")  # PermissionError names the folder
+    try:
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-probe-")
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(out_dir)) from None  # name the folder, not the probe
     os.close(fd)
     os.unlink(probe)
 

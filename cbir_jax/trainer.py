@@ -69,7 +69,9 @@ def train_head(
     except (KeyboardInterrupt, DivergedError) as e:
         if "mngr" not in state:
             raise
+        state["progress"].close()  # ends the bar's line: the error is a line of its own
         state["mngr"].wait_until_finished()  # an async save in flight completes: checkpoints stay consistent
+        state["mngr"].reload()  # steps finalised by the wait are not in its cached list yet
         last = state["mngr"].latest_step()
         kept = f"last checkpoint: step {last}" if last is not None else "no checkpoint was written"
         if isinstance(e, DivergedError):
@@ -101,10 +103,10 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
             f"{run_dir} already holds checkpoints; pass train.resume=true to continue them"
         )
 
-    state.update(mngr=mngr, step=step)
     feats = jnp.asarray(features)
     metrics_file = runs.open_metrics_log(run_dir, step)  # each step once, also after a resume
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
+    state.update(mngr=mngr, step=step, progress=progress)
     loss_sum, loss_count = 0.0, 0
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
