@@ -96,9 +96,29 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+    """Closed string choices not backed by a registry, from the modules that own them (imported late:
+    the schema stays light)."""
+    from cbir_jax import heads, imageops, pair_labels, postprocess, splits, trainer
+
+    return {
+        "train.schedule": trainer.SCHEDULES,
+        "features.whiten": postprocess.WHITENINGS,
+        "labels.transform": pair_labels.TRANSFORMS,
+        "data.split.by": splits.SPLIT_BY,
+        "backbone.resize": tuple(imageops.RESIZERS),
+        "head.activation": tuple(heads.ACTIVATIONS),
+        "eval.on": ("auto", "held_out", "all"),  # read by the evaluate entry point
+    }
+
+
 def problems(cfg: Any) -> list[str]:
     """Every rule `cfg` breaks, as `key=value must be ...`."""
     out = []
+    for key, valid in choices().items():
+        value = _get(cfg, key)
+        if value is not _MISSING and value not in valid:
+            out.append(f"{key}={value!r} must be one of {', '.join(valid)}")
     for key, check, must in RULES:
         value = _get(cfg, key)
         if value is not _MISSING and not check(value):

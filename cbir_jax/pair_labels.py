@@ -94,6 +94,9 @@ def class_label(ctx, i, j):
     return (y[i] == y[j]).astype(np.float32)
 
 
+TRANSFORMS = ("rank", "minmax", "none")
+
+
 def transform_targets(name: str, t: np.ndarray) -> np.ndarray:
     """Monotone map of raw targets into a range a regression head can fit."""
     t = np.asarray(t, np.float64)

@@ -30,6 +30,9 @@ OPTIMIZERS.register("adam")(lambda lr, cfg: optax.adam(lr))
 OPTIMIZERS.register("sgd")(lambda lr, cfg: optax.sgd(lr, momentum=0.9))
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     if cfg.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(
