@@ -76,9 +76,9 @@ def train_head(
         state["mngr"].wait_until_finished()  # an async save in flight completes: checkpoints stay consistent
         state["mngr"].reload()  # steps finalised by the wait are not in its cached list yet
         last = state["mngr"].latest_step()
-        kept = f"last checkpoint: step {last}" if last is not None else "no checkpoint was written"
+        kept = f"last checkpoint: step {last}" if last is not None else "no checkpoint yet"
         if isinstance(e, DivergedError):
-            raise DivergedError(f"{e}; {kept} in {run_dir / 'checkpoints'}") from None
+            raise DivergedError(f"{e}; {kept} (kept in {run_dir / 'checkpoints'})") from None
         raise Interrupted(
             f"interrupted at step {state['step']} ({kept}); resume with train.resume=true hydra.run.dir={run_dir}"
         ) from None

@@ -151,7 +151,7 @@ def _build_components(cfg) -> None:
         baseline_scorer(name)
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=80)
 @given(st.lists(OVERRIDE, max_size=6))
 def test_random_overrides_compose_or_fail_with_one_message(overrides):
     try:

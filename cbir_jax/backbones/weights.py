@@ -118,7 +118,7 @@ def cached_params(tag: str, sha: str, convert: Callable[[], dict]) -> dict:
     """
     from cbir_jax import cache
 
-    path = cache_dir() / f"{tag}-{sha[:32]}.npz"
+    path = cache_dir() / f"{tag}-{sha[:32]}-c{cache.FORMAT_VERSION}.npz"  # files of older formats are left alone
 
     def build() -> dict[str, np.ndarray]:
         return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(convert()).items()}
