@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cbir_jax.checkpointing import MODEL_FILE
 from cbir_jax.errors import RunDirError
@@ -53,7 +54,11 @@ def _typed_dict(cfg: DictConfig) -> dict[str, Any]:
     from cbir_jax.config import Config
 
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config), cfg), resolve=True)
+    try:  # defaults filled in, so a key the saved run lacks compares by its default value
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except OmegaConfBaseException:  # a run saved under another schema: compare what is there
+        pass
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def resume_differences(saved: DictConfig, now: DictConfig) -> list[str]:
