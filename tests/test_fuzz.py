@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -76,15 +77,15 @@ def test_mutated_images_decode_or_fail_with_one_line(data):
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
 
 
-def _weights(legacy: bool, tmp: Path) -> bytes:
-    path = tmp / f"w{int(legacy)}.pth"
-    tp.save_state_dict({"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
-                        "bn.num_batches_tracked": np.array(3, np.int64)}, path, legacy=legacy)
-    return path.read_bytes()
+def _weights(legacy: bool) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.pth"
+        tp.save_state_dict({"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+                            "bn.num_batches_tracked": np.array(3, np.int64)}, path, legacy=legacy)
+        return path.read_bytes()
 
 
-_SEED_DIR = Path(__import__("tempfile").mkdtemp(prefix="cbir-fuzz-"))
-WEIGHT_SEEDS = {"zip": _weights(False, _SEED_DIR), "legacy": _weights(True, _SEED_DIR)}
+WEIGHT_SEEDS = {"zip": _weights(False), "legacy": _weights(True)}
 _FORBIDDEN = ("pickle.find_class", "os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.fork")
 _seen: list[str] = []
 _watching = [False]
@@ -101,17 +102,18 @@ sys.addaudithook(_audit)  # cannot be removed; only records while `_watching`
 @FUZZ
 @given(st.sampled_from(sorted(WEIGHT_SEEDS)).flatmap(lambda k: mutated(WEIGHT_SEEDS[k])))
 def test_mutated_weight_files_load_or_fail_with_one_line(data):
-    path = _SEED_DIR / "fuzzed.pth"
-    path.write_bytes(data)
-    _seen.clear()
-    _watching[0] = True
-    try:
-        out = tp.load_state_dict(path)
-    except tp.CheckpointFileError as e:
-        assert "\n" not in str(e)
-        out = None
-    finally:
-        _watching[0] = False
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzzed.pth"
+        path.write_bytes(data)
+        _seen.clear()
+        _watching[0] = True
+        try:
+            out = tp.load_state_dict(path)
+        except tp.CheckpointFileError as e:
+            assert "\n" not in str(e)
+            out = None
+        finally:
+            _watching[0] = False
     assert _seen == []  # no real global resolved, no process started
     if out is not None:
         assert all(isinstance(v, np.ndarray) for v in out.values())
