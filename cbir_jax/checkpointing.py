@@ -13,10 +13,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from cbir_jax.errors import UserError
+
 MODEL_FILE = "model.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; its message is one line."""
 
 
@@ -38,16 +40,25 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Any, train_state: dict[
     )
 
 
-def restore_all(mngr: ocp.CheckpointManager, params_like: Any, train_state_like: dict[str, Any]) -> tuple[Any, Any]:
-    """Parameters and optimizer state of the latest step (for resuming)."""
-    out = mngr.restore(
-        mngr.latest_step(),
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(params_like)),
-            train_state=ocp.args.StandardRestore(_abstract(train_state_like)),
-        ),
-    )
+def restore_all(
+    mngr: ocp.CheckpointManager, params_like: Any, train_state_like: dict[str, Any], run_dir: str | Path = ""
+) -> tuple[Any, Any]:
+    """Parameters and optimizer state of the latest step (for resuming); a mismatch is one line."""
+    try:
+        out = mngr.restore(
+            mngr.latest_step(),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(params_like)),
+                train_state=ocp.args.StandardRestore(_abstract(train_state_like)),
+            ),
+        )
+    except Exception as e:  # orbax reports mismatches with several exception types
+        raise CheckpointError(f"train.resume=true: the checkpoints in {run_dir} do not fit this head ({_first_line(e)})") from None
     return out["params"], out["train_state"]
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def restore_params(run_dir: str | Path, params_like: Any) -> Any:
@@ -63,15 +74,17 @@ def restore_params(run_dir: str | Path, params_like: Any) -> Any:
     except CheckpointError:
         raise
     except Exception as e:  # orbax reports mismatches with several exception types
-        first = str(e).strip().splitlines()[0][:200]
-        raise CheckpointError(f"checkpoint={run_dir}: parameters do not match the head ({first})") from None
+        raise CheckpointError(f"checkpoint={run_dir}: parameters do not match the head ({_first_line(e)})") from None
     finally:
         mngr.close()
     return out["params"]
 
 
 def write_model_info(run_dir: str | Path, info: dict[str, Any]) -> None:
-    (Path(run_dir) / MODEL_FILE).write_text(json.dumps(info, indent=2))
+    """Written last, atomically: its presence marks a finished run (see `runs`)."""
+    from cbir_jax.files import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / MODEL_FILE, json.dumps(info, indent=2))
 
 
 def read_model_info(run_dir: str | Path) -> dict[str, Any]:

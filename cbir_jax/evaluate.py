@@ -20,7 +20,9 @@ from cbir_jax import checkpointing, figures, heads, postprocess, scorers, tuning
 from cbir_jax.cli import run_dir, run_or_exit, to_typed
 from cbir_jax.config import CONFIG_DIR, Config
 from cbir_jax.data import DataError
-from cbir_jax.evaluation import evaluate_scorer, format_table
+from cbir_jax.config_checks import validate
+from cbir_jax.evaluation import check_evaluable, evaluate_scorer, format_table
+from cbir_jax.files import atomic_write_text
 from cbir_jax.pipeline import Stage, load_stage
 from cbir_jax.registry import UnknownComponentError
 
@@ -47,6 +49,7 @@ def evaluate_stage(
     labels = fs.labels
     if labels is None:
         raise DataError(f"{fs.dataset.name}: no class labels (a flat folder); it is searchable but not evaluable")
+    check_evaluable(labels[split.query], labels[split.gallery], split.self_index, fs.dataset.name)
     post = postprocess.fit(cfg.features, fs.features[split.gallery])
     gallery, queries = postprocess.apply(post, fs.features[split.gallery]), postprocess.apply(post, fs.features[split.query])
     all_scorers = dict(learned)
@@ -69,8 +72,8 @@ def evaluate_stage(
     table = format_table(results, title=f"{fs.dataset.name} · {stage.backbone.name} · {len(split.query)} queries × {len(split.gallery)} gallery")
     print(table, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "metrics.md").write_text(table + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2))
+    atomic_write_text(out_dir / "metrics.md", table + "\n")
     if cfg.eval.figure:
         _figure(cfg, stage, all_scorers, queries, gallery, labels, out_dir / "topk.png")
     return results
@@ -121,7 +124,7 @@ def load_trained(run: Path, cfg_now: DictConfig, overridden: frozenset[str] = fr
     saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved_path))
     for key in set(_RUNTIME_KEYS) | set(overridden):
         saved[key] = cfg_now[key]
-    return OmegaConf.to_object(saved), info
+    return validate(OmegaConf.to_object(saved)), info
 
 
 def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -> scorers.Scorer:

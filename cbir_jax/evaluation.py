@@ -40,6 +40,24 @@ def evaluate_scorer(
     return acc.result()
 
 
+def check_evaluable(query_labels: np.ndarray, gallery_labels: np.ndarray, self_index: np.ndarray, name: str) -> None:
+    """Fails with one line unless some query has a relevant gallery item other than itself.
+
+    Without one every metric is undefined: a table of `nan` would look like a result.
+    """
+    from cbir_jax.data import DataError
+
+    relevant = np.zeros(len(query_labels), np.int64)
+    for label, count in zip(*np.unique(gallery_labels, return_counts=True)):
+        relevant[query_labels == label] = count
+    own = self_index >= 0  # a query's own gallery entry is never relevant to it
+    relevant[own] -= (gallery_labels[self_index[own]] == query_labels[own])
+    if not (relevant > 0).any():
+        raise DataError(
+            f"{name}: no query has a relevant item in the gallery (every class needs at least 2 images); nothing to evaluate"
+        )
+
+
 def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
     """A markdown table: one row per scorer, one column per metric."""
     header = "| scorer | " + " | ".join(METRIC_NAMES) + " | queries |"

@@ -2,6 +2,8 @@
 
 One pass decodes each image once and yields the backbone feature and a small thumbnail (what the
 image heuristics SSIM and dHash are computed on). Undecodable images are skipped, named and counted.
+Only decode failures are stored with the cache: a file that could not be *read* (permissions, I/O) is
+retried on the next run, and the cache is rebuilt once it reads (a passing problem never becomes permanent).
 """
 
 from __future__ import annotations
@@ -11,18 +13,19 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from cbir_jax import cache
 from cbir_jax.backbones import Backbone
-from cbir_jax.data import ImageDataset, ImageLoadError
+from cbir_jax.data import DataError, ImageDataset, ImageLoadError, ImageReadError
 from cbir_jax.imageops import resize_square
 
 log = logging.getLogger(__name__)
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: EXIF orientation applied; header, hash and key inside the file
 
 
 @dataclasses.dataclass
@@ -56,15 +59,18 @@ class FeatureSet:
         return resize_square(self.dataset.load(int(self.keep[row])), size)
 
 
+def cache_key(dataset: ImageDataset, backbone: Backbone, thumb_size: int) -> str:
+    """What a feature cache file was built from; stored inside the file and checked on load."""
+    return f"{_CACHE_VERSION}|{dataset.name}|{dataset.content_key}|{backbone.fingerprint}|{thumb_size}"
+
+
 def cache_path(cache_dir: str, dataset: ImageDataset, backbone: Backbone, thumb_size: int) -> Path:
-    key = hashlib.sha256(
-        f"{_CACHE_VERSION}|{dataset.content_key}|{backbone.fingerprint}|{thumb_size}".encode()
-    ).hexdigest()[:24]
+    key = hashlib.sha256(cache_key(dataset, backbone, thumb_size).encode()).hexdigest()[:24]
     return Path(os.path.expanduser(cache_dir)) / "features" / f"{backbone.name}-{key}.npz"
 
 
-def _extract(dataset: ImageDataset, backbone: Backbone, thumb_size: int, batch_size: int):
-    feats, thumbs, keep, skipped = [], [], [], []
+def _extract(dataset: ImageDataset, backbone: Backbone, thumb_size: int, batch_size: int) -> dict[str, np.ndarray]:
+    feats, thumbs, keep, skipped, unread = [], [], [], [], []
     batch: list[np.ndarray] = []
 
     def flush():
@@ -80,7 +86,7 @@ def _extract(dataset: ImageDataset, backbone: Backbone, thumb_size: int, batch_s
             image = dataset.load(i)
         except ImageLoadError as e:
             log.warning("skipped %s: %s", dataset.ids[i], e)
-            skipped.append((dataset.ids[i], str(e)))
+            (unread if isinstance(e, ImageReadError) else skipped).append((dataset.ids[i], str(e)))
             continue
         keep.append(i)
         thumbs.append(resize_square(image, thumb_size))
@@ -90,7 +96,30 @@ def _extract(dataset: ImageDataset, backbone: Backbone, thumb_size: int, batch_s
     flush()
     features = np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, backbone.feature_dim), np.float32)
     thumbnails = np.stack(thumbs) if thumbs else np.zeros((0, thumb_size, thumb_size, 3), np.uint8)
-    return np.asarray(keep, np.int64), features, thumbnails, skipped
+    return {
+        "keep": np.asarray(keep, np.int64), "features": features, "thumbnails": thumbnails,
+        "skipped": np.asarray(skipped, dtype=str).reshape(-1, 2),  # decode failures: permanent
+        "unread": np.asarray(unread, dtype=str).reshape(-1, 2),  # read errors: retried next time
+    }
+
+
+def _still_unreadable(dataset: ImageDataset) -> Callable[[dict[str, np.ndarray]], bool]:
+    """A cache is out of date once one of the files it could not read reads now."""
+    index = {image_id: i for i, image_id in enumerate(dataset.ids)}
+
+    def check(arrays: dict[str, np.ndarray]) -> bool:
+        for image_id, _ in arrays["unread"].tolist():
+            try:
+                dataset.load(index[image_id])
+            except ImageReadError:
+                continue
+            except ImageLoadError:
+                pass
+            log.info("features: %s reads now; rebuilding the cache", image_id)
+            return False
+        return True
+
+    return check
 
 
 def extract_features(
@@ -103,28 +132,28 @@ def extract_features(
     use_cache: bool = True,
 ) -> FeatureSet:
     """Features and thumbnails for every decodable image, from the cache when it holds them."""
-    path = cache_path(cache_dir, dataset, backbone, thumb_size)
-    skipped_before = list(dataset.skipped)
-    if use_cache and path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            keep, features, thumbnails = z["keep"], z["features"], z["thumbnails"]
-            skipped = [tuple(s) for s in z["skipped"].tolist()]
-        log.info("features: %d images from cache %s", len(keep), path)
+    extracted = []
+
+    def build() -> dict[str, np.ndarray]:
+        extracted.append(True)
+        return _extract(dataset, backbone, thumb_size, batch_size)
+
+    if use_cache:
+        path = cache_path(cache_dir, dataset, backbone, thumb_size)
+        arrays = cache.cached(path, cache_key(dataset, backbone, thumb_size), build,
+                              still_valid=_still_unreadable(dataset))
+    else:
+        arrays = build()
+    skipped = [tuple(s) for s in arrays["skipped"].tolist() + arrays["unread"].tolist()]
+    if use_cache and not extracted:
+        log.info("features: %d images from cache %s", len(arrays["keep"]), path)
         for image_id, reason in skipped:
             log.warning("skipped %s: %s", image_id, reason)
-    else:
-        keep, features, thumbnails, skipped = _extract(dataset, backbone, thumb_size, batch_size)
-        if use_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez(tmp, keep=keep, features=features, thumbnails=thumbnails,
-                     skipped=np.asarray(skipped, dtype=str).reshape(-1, 2))
-            os.replace(tmp, path)
-    skipped = skipped_before + skipped
+    skipped = list(dataset.skipped) + skipped
     if skipped:
-        log.warning("skipped %d of %d files (unreadable or not images)", len(skipped), len(dataset) + len(skipped_before))
+        log.warning("skipped %d of %d files or class folders (unreadable, empty or not images)", len(skipped), len(dataset) + len(dataset.skipped))
+    keep = arrays["keep"]
     if len(keep) == 0:
-        from cbir_jax.data import DataError
-
         raise DataError(f"{dataset.name}: none of the {len(dataset)} files could be read as an image")
-    return FeatureSet(dataset=dataset, keep=keep, features=features, thumbnails=thumbnails, skipped=skipped)
+    return FeatureSet(dataset=dataset, keep=keep, features=arrays["features"], thumbnails=arrays["thumbnails"],
+                      skipped=skipped)

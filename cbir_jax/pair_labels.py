@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax import heuristics
+from cbir_jax.data import DataError
 from cbir_jax.registry import Registry
 
 
@@ -89,8 +90,11 @@ def ssim_dhash_label(ctx, i, j):
 def class_label(ctx, i, j):
     y = ctx.class_labels()
     if y is None:
-        raise ValueError("labels=class needs class labels; this dataset has none (use a heuristic label)")
+        raise DataError("labels=class needs class labels; this dataset has none (use a heuristic label)")
     return (y[i] == y[j]).astype(np.float32)
+
+
+TRANSFORMS = ("rank", "minmax", "none")
 
 
 def transform_targets(name: str, t: np.ndarray) -> np.ndarray:

@@ -17,6 +17,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=-1, keepdims=True) + EPS)
 
 
+WHITENINGS = ("none", "pca", "pca_whiten")
+
+
 def fit(cfg, gallery: np.ndarray) -> dict[str, Any]:
     """Fits the post-processing named by a FeaturesConfig on gallery features (N, D)."""
     x = gallery.astype(np.float64)
@@ -24,8 +27,8 @@ def fit(cfg, gallery: np.ndarray) -> dict[str, Any]:
         x = l2_normalize(x)
     if cfg.whiten == "none":
         return {"l2": bool(cfg.l2_normalize)}
-    if cfg.whiten not in ("pca", "pca_whiten"):
-        raise ValueError(f"features.whiten={cfg.whiten!r}: valid are none, pca, pca_whiten")
+    if cfg.whiten not in WHITENINGS:  # config_checks rejects it at start; a direct caller gets this
+        raise ValueError(f"features.whiten={cfg.whiten!r}: valid are {', '.join(WHITENINGS)}")
     mean = x.mean(axis=0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
     dim = min(cfg.whiten_dim or vt.shape[0], vt.shape[0])

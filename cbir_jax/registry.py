@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
+from cbir_jax.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownComponentError(KeyError):
+class UnknownComponentError(UserError, KeyError):
     """Raised for a name no component was registered under; the message lists the valid names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain.

@@ -39,6 +39,9 @@ def _queries_and_gallery(eval_rows: np.ndarray, query_fraction: Optional[float],
     return eval_rows[is_query], eval_rows[~is_query], np.full(n_query, -1)
 
 
+SPLIT_BY = ("class", "image", "none")
+
+
 def make_split(cfg, n: int, labels: Callable[[], Optional[np.ndarray]]) -> Split:
     """Builds the split named by a SplitConfig over n rows; `labels` is called only when needed."""
     rng = np.random.default_rng(cfg.seed)

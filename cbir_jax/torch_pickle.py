@@ -27,11 +27,17 @@ from typing import Any, BinaryIO, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from cbir_jax.errors import MissingFileError, UserError
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
 
-class UnsafeCheckpointError(ValueError):
+class CheckpointFileError(UserError, ValueError):
+    """A weights file that is corrupt, truncated or not a state dict; its message is one line."""
+
+
+class UnsafeCheckpointError(CheckpointFileError):
     """A checkpoint holds something a plain state dict never holds (possibly code); it was not loaded."""
 
 
@@ -89,13 +95,19 @@ class _Call(_Sealed):
 
 
 class _StorageType(_Sealed):
-    """Stands in for `torch.FloatStorage` & co.: only carries the element dtype."""
+    """Stands in for `torch.FloatStorage` & co.: only carries the element dtype; read-only once made.
+
+    Each load builds its own (see `_allowed_globals`), so even a bug here cannot leak into the next load.
+    """
 
     __slots__ = ("name", "dtype")
 
     def __init__(self, name: str) -> None:
-        self.name = name
-        self.dtype = _STORAGE_DTYPES[name]
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", _STORAGE_DTYPES[name])
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise UnsafeCheckpointError(f"checkpoint tries to modify the storage type {self.name}")
 
 
 class _Storage(_Sealed):
@@ -112,7 +124,7 @@ class _Storage(_Sealed):
             root, offset = self.view_of
             return root.array()[offset : offset + self.numel]
         if self.data is None:
-            raise ValueError("checkpoint is truncated: a storage's data is missing")
+            raise CheckpointFileError("checkpoint is truncated: a storage's data is missing")
         return self.data
 
 
@@ -126,12 +138,12 @@ class _LazyTensor(_Sealed):
         flat = self.storage.array()
         ints = all(isinstance(v, int) and v >= 0 for v in (*self.size, *self.stride))
         if not ints or len(self.size) != len(self.stride):  # as_strided must never leave the buffer
-            raise ValueError("checkpoint is corrupt: a tensor has invalid sizes or strides")
+            raise CheckpointFileError("checkpoint is corrupt: a tensor has invalid sizes or strides")
         if any(n == 0 for n in self.size):
             return np.zeros(self.size, flat.dtype)
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
         if self.offset < 0 or last >= flat.size:
-            raise ValueError("checkpoint is corrupt: a tensor reaches outside its storage")
+            raise CheckpointFileError("checkpoint is corrupt: a tensor reaches outside its storage")
         item = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :], shape=self.size, strides=[s * item for s in self.stride], writeable=False
@@ -150,6 +162,8 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hoo
     """torch._utils._rebuild_tensor_v3: the dtype travels with the tensor instead of the storage."""
     if not isinstance(dtype, _StorageType):
         raise UnsafeCheckpointError("tensor dtype is not a torch dtype")
+    if not isinstance(storage, _Storage):  # checked before the write: never retype a shared object
+        raise UnsafeCheckpointError("tensor built from something other than a storage")
     storage.dtype = dtype.dtype
     return _rebuild_tensor(storage, storage_offset, size, stride)
 
@@ -159,17 +173,20 @@ def _rebuild_parameter(data, requires_grad, hooks, *_ignored) -> Any:
     return data
 
 
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _Call(_rebuild_tensor),
-    ("torch._utils", "_rebuild_tensor_v2"): _Call(_rebuild_tensor),
-    ("torch._utils", "_rebuild_tensor_v3"): _Call(_rebuild_tensor_v3),
-    ("torch._utils", "_rebuild_parameter"): _Call(_rebuild_parameter),
-    ("torch._utils", "_rebuild_parameter_with_state"): _Call(_rebuild_parameter),
-}
-_ALLOWED.update({("torch", name): _StorageType(name) for name in _STORAGE_DTYPES})
-_ALLOWED.update({("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage")})
-_ALLOWED.update({("torch", d): _StorageType(s) for d, s in _TORCH_DTYPES.items()})
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """The allow-list, built afresh for every load: no object a file can reach outlives that load."""
+    allowed: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor"): _Call(_rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v2"): _Call(_rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v3"): _Call(_rebuild_tensor_v3),
+        ("torch._utils", "_rebuild_parameter"): _Call(_rebuild_parameter),
+        ("torch._utils", "_rebuild_parameter_with_state"): _Call(_rebuild_parameter),
+    }
+    allowed.update({("torch", name): _StorageType(name) for name in _STORAGE_DTYPES})
+    allowed.update({("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage")})
+    allowed.update({("torch", d): _StorageType(s) for d, s in _TORCH_DTYPES.items()})
+    return allowed
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -178,12 +195,13 @@ class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, file: BinaryIO, source: str, storages: dict[str, _Storage], read_storage) -> None:
         super().__init__(file, encoding="utf-8")
         self._source = source
+        self._allowed = _allowed_globals()
         self._storages = storages
         self._read_storage = read_storage  # (key, dtype, numel) -> _Storage
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED[(module, name)]
+            return self._allowed[(module, name)]
         except KeyError:
             raise UnsafeCheckpointError(
                 f"refusing to load {self._source}: it references {module}.{name}, which is not part of a "
@@ -231,7 +249,7 @@ def _load_zip(path: str) -> Any:
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
-            raise ValueError(f"{path} is a zip file but not a PyTorch checkpoint (no <prefix>/data.pkl)")
+            raise CheckpointFileError(f"{path} is a zip file but not a PyTorch checkpoint (no <prefix>/data.pkl)")
         prefix = pkl[0][: -len("data.pkl")]
         little = True
         if prefix + "byteorder" in names:
@@ -251,12 +269,13 @@ def _load_zip(path: str) -> Any:
 
 
 def _load_legacy(path: str) -> Any:
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         header = _SafeUnpickler(f, path, {}, None)
         if header.load() != LEGACY_MAGIC:
-            raise ValueError(f"{path} is not a PyTorch checkpoint (bad magic number)")
+            raise CheckpointFileError(f"{path} is not a PyTorch checkpoint (bad magic number)")
         if header.load() != LEGACY_PROTOCOL_VERSION:
-            raise ValueError(f"{path}: unsupported legacy PyTorch protocol version")
+            raise CheckpointFileError(f"{path}: unsupported legacy PyTorch protocol version")
         sys_info = header.load()
         little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
         storages: dict[str, _Storage] = {}
@@ -266,9 +285,9 @@ def _load_legacy(path: str) -> Any:
             storage = storages[str(key)]
             (numel,) = struct.unpack("<q" if little else ">q", f.read(8))
             nbytes = numel * storage.dtype.itemsize
+            if not 0 <= nbytes <= size - f.tell():  # never ask the OS for more than the file holds
+                raise CheckpointFileError(f"{path} is truncated")
             raw = f.read(nbytes)
-            if len(raw) != nbytes:
-                raise ValueError(f"{path} is truncated")
             storage.numel = numel
             storage.data = np.frombuffer(raw, _byteswapped(storage.dtype, little)).astype(storage.dtype, copy=False)
     return _resolve(obj)
@@ -278,13 +297,16 @@ def load(path: str | os.PathLike) -> Any:
     """Loads a `torch.save`d object made of dicts, lists, tuples, scalars and tensors (as numpy arrays)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path}")
+        raise MissingFileError(f"no checkpoint file at {path}")
     try:
         return _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
-    except (UnsafeCheckpointError, ValueError):
+    except CheckpointFileError:
         raise
+    except OSError as error:  # the file itself could not be read: name it, as every I/O error
+        raise CheckpointFileError(f"{path}: cannot read ({error.strerror or error})") from error
     except Exception as error:  # malformed pickles fail in many ways; none of them runs file code
-        raise ValueError(f"{path} is not a valid PyTorch checkpoint: {type(error).__name__}: {error}") from error
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:200] if str(error) else type(error).__name__
+        raise CheckpointFileError(f"{path} is not a valid PyTorch checkpoint: {reason}") from error
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -295,7 +317,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()
     ):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise CheckpointFileError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return dict(obj)
 
 

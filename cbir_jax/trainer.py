@@ -18,7 +18,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cbir_jax import checkpointing, heads, losses, pair_labels, pairs
+from cbir_jax import checkpointing, guards, heads, losses, pair_labels, pairs, runs
+from cbir_jax.errors import DivergedError, Interrupted
 from cbir_jax.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("op
 OPTIMIZERS.register("adamw")(lambda lr, cfg: optax.adamw(lr, weight_decay=cfg.weight_decay))
 OPTIMIZERS.register("adam")(lambda lr, cfg: optax.adam(lr))
 OPTIMIZERS.register("sgd")(lambda lr, cfg: optax.sgd(lr, momentum=0.9))
+
+
+SCHEDULES = ("cosine", "constant")
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
@@ -58,7 +62,29 @@ def make_train_step(head: nn.Module, tx: optax.GradientTransformation, loss_fn) 
 def train_head(
     cfg, head: nn.Module, features: np.ndarray, context: pair_labels.PairContext, run_dir: Path
 ) -> dict[str, Any]:
-    """Trains `head` on pairs of `features` rows; returns the final parameters."""
+    """Trains `head` on pairs of `features` rows; returns the final parameters.
+
+    Ctrl-C and divergence stop it with one line, after any checkpoint being written has completed.
+    """
+    state: dict[str, Any] = {}  # the loop's manager and step, for the messages below
+    try:
+        return _train_head(cfg, head, features, context, run_dir, state)
+    except (KeyboardInterrupt, DivergedError) as e:
+        if "mngr" not in state:
+            raise
+        state["progress"].close()  # ends the bar's line: the error is a line of its own
+        state["mngr"].wait_until_finished()  # an async save in flight completes: checkpoints stay consistent
+        state["mngr"].reload()  # steps finalised by the wait are not in its cached list yet
+        last = state["mngr"].latest_step()
+        kept = f"last checkpoint: step {last}" if last is not None else "no checkpoint yet"
+        if isinstance(e, DivergedError):
+            raise DivergedError(f"{e}; {kept} (kept in {run_dir / 'checkpoints'})") from None
+        raise Interrupted(
+            f"interrupted at step {state['step']} ({kept}); resume with train.resume=true hydra.run.dir={run_dir}"
+        ) from None
+
+
+def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     params = heads.init_params(head, features.shape[1], jax.random.key(cfg.seed))
     n = len(features)
     batch = min(cfg.train.batch_size, cfg.pairs.pairs_per_epoch)
@@ -72,7 +98,7 @@ def train_head(
     mngr = checkpointing.manager(run_dir, cfg.train.max_to_keep)
     step = 0
     if cfg.train.resume and mngr.latest_step() is not None:
-        params, train_state = checkpointing.restore_all(mngr, params, {"opt_state": opt_state, "step": jnp.asarray(0)})
+        params, train_state = checkpointing.restore_all(mngr, params, {"opt_state": opt_state, "step": jnp.asarray(0)}, run_dir)
         opt_state, step = train_state["opt_state"], int(train_state["step"])
         log.info("resumed from step %d of %d", step, total_steps)
     elif mngr.latest_step() is not None:
@@ -81,8 +107,9 @@ def train_head(
         )
 
     feats = jnp.asarray(features)
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    metrics_file = runs.open_metrics_log(run_dir, step)  # each step once, also after a resume
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
+    state.update(mngr=mngr, step=step, progress=progress)
     loss_sum, loss_count = 0.0, 0
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -93,15 +120,18 @@ def train_head(
         for b in range(offset, steps_per_epoch):
             params, opt_state, loss = step_fn(params, opt_state, feats, i[b], j[b], targets[b])
             step += 1
+            state["step"] = step
+            guards.check_loss(step, float(loss))  # stops before a NaN reaches the log or a checkpoint
             loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
             progress.update(1)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 record = {"step": step, "epoch": epoch, "loss": loss_sum / loss_count}
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
                 metrics_file.flush()
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 loss_sum, loss_count = 0.0, 0
             if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
+                guards.check_params(step, params)
                 checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
     progress.close()
     metrics_file.close()

@@ -190,3 +190,25 @@ def test_against_torch(tmp_path, zip_format):
     for k, v in _sample().items():
         t = back[k].float() if back[k].dtype == torch.bfloat16 else back[k]
         np.testing.assert_array_equal(t.numpy(), np.asarray(v, t.numpy().dtype), err_msg=k)
+
+
+def test_hostile_file_leaves_no_state_for_the_next_load(tmp_path):
+    """A crafted `_rebuild_tensor_v3(torch.FloatStorage, ..., dtype=torch.int8)` is refused, and a genuine
+    float32 file loaded next in the same process comes back intact (the reader keeps no shared state)."""
+    g = lambda module, name: pickle.GLOBAL + f"{module}\n{name}\n".encode()  # noqa: E731
+    attack = (pickle.PROTO + b"\x02" + g("torch._utils", "_rebuild_tensor_v3") + pickle.MARK
+              + g("torch", "FloatStorage") + pickle.BININT1 + b"\x00"
+              + pickle.BININT1 + b"\x01" + pickle.TUPLE1 + pickle.BININT1 + b"\x01" + pickle.TUPLE1
+              + pickle.NEWFALSE + g("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE
+              + g("torch", "int8") + pickle.TUPLE + pickle.REDUCE + pickle.STOP)
+    hostile = tmp_path / "hostile.pth"
+    _write_zip(hostile, attack)
+    with pytest.raises(tp.UnsafeCheckpointError):
+        tp.load(hostile)
+    genuine = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)}
+    for legacy in (False, True):
+        path = tmp_path / f"genuine{legacy}.pth"
+        tp.save_state_dict(genuine, path, legacy=legacy)
+        out = tp.load_state_dict(path)
+        assert out["w"].dtype == np.float32
+        np.testing.assert_array_equal(out["w"], genuine["w"])

@@ -17,6 +17,7 @@ import numpy as np
 from cbir_jax import torch_pickle
 from cbir_jax.backbones import weights as W
 from cbir_jax.backbones.base import BACKBONES, Backbone, cnn_backbone
+from cbir_jax.errors import ConfigError, MissingFileError
 from cbir_jax.imageops import RESIZERS
 
 # torchvision's ImageNet normalisation, on pixels scaled to [0, 1].
@@ -92,9 +93,9 @@ def _param_shapes() -> dict:
 def check_weights_path(weights: str | None) -> str:
     """The weights path, or a one-line error saying how to obtain the file."""
     if not weights:
-        raise ValueError(f"backbone=resnet50 needs backbone.weights (a torchvision ResNet-50 state dict); {HOW_TO_GET_WEIGHTS}")
+        raise ConfigError(f"backbone=resnet50 needs backbone.weights (a torchvision ResNet-50 state dict); {HOW_TO_GET_WEIGHTS}")
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"backbone.weights={weights} does not exist; {HOW_TO_GET_WEIGHTS}")
+        raise MissingFileError(f"backbone.weights={weights} does not exist; {HOW_TO_GET_WEIGHTS}")
     return weights
 
 

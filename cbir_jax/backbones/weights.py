@@ -16,8 +16,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from cbir_jax.errors import UserError
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(UserError, ValueError):
     """A state dict does not fit the architecture (missing, unexpected or mis-shaped tensors)."""
 
 
@@ -112,20 +114,14 @@ def cached_params(tag: str, sha: str, convert: Callable[[], dict]) -> dict:
     """Returns `convert()`'s params, stored once as `<cache>/<tag>-<sha>.npz` (keyed by weight-file hash).
 
     `tag` should carry a converter version, so a change in the conversion never reuses stale params.
-    An unreadable cache file is rebuilt rather than trusted.
+    A damaged or mismatched cache file is moved aside and rebuilt rather than trusted (`cbir_jax.cache`).
     """
-    path = cache_dir() / f"{tag}-{sha[:32]}.npz"
-    if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                flat = {tuple(k.split("/")): z[k] for k in z.files}
-            return traverse_util.unflatten_dict(flat)
-        except (OSError, ValueError, KeyError):
-            pass
-    params = convert()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)  # atomic: concurrent builders never see half a file
-    return params
+    from cbir_jax import cache
+
+    path = cache_dir() / f"{tag}-{sha[:32]}-c{cache.FORMAT_VERSION}.npz"  # files of older formats are left alone
+
+    def build() -> dict[str, np.ndarray]:
+        return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(convert()).items()}
+
+    flat = cache.cached(path, f"{tag}|{sha}", build)
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})

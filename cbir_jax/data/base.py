@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from cbir_jax.errors import UserError
 from cbir_jax.registry import Registry
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset that cannot be used at all (missing folder, no images); its message is one line."""
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """One image that cannot be decoded; the caller skips it and counts it."""
+
+
+class ImageReadError(ImageLoadError):
+    """One image file that cannot be read (permissions, I/O): may pass, so it is never cached as a skip."""
 
 
 @dataclasses.dataclass
@@ -78,14 +84,40 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def load_image_file(path: str) -> np.ndarray:
-    """Decodes an image file fully to uint8 RGB, raising ImageLoadError with a one-line reason."""
+def read_file(path: str) -> bytes:
+    """The file's bytes; a failure here is a read error (permissions, I/O), not a bad image."""
     try:
-        with Image.open(path) as image:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ImageReadError(f"cannot read: {e.strerror or e}") from None
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decodes image bytes fully to uint8 RGB, upright (EXIF orientation applied).
+
+    Pillow's parsers report malformed input with many exception types (OSError, SyntaxError, struct.error,
+    IndexError, ...); for bytes from a file, every one of them means "not a usable image".
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return to_rgb_uint8(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{type(e).__name__}: {e}".splitlines()[0]) from None
+            return to_rgb_uint8(_upright(image))
+    except Exception as e:  # noqa: BLE001  (see the docstring)
+        raise ImageLoadError(f"{type(e).__name__}: {e}".splitlines()[0][:200]) from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Applies the EXIF orientation (a phone photo is stored sideways); a malformed EXIF block is ignored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001  the pixels decoded fine; only the orientation tag is unusable
+        return image
+
+
+def load_image_file(path: str) -> np.ndarray:
+    """Reads and decodes an image file, raising ImageReadError or ImageLoadError with a one-line reason."""
+    return decode_image(read_file(path))
 
 
 def hash_strings(*parts: str) -> str:

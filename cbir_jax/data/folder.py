@@ -17,6 +17,20 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
+def _members(class_dir: Path) -> tuple[list[Path], str]:
+    """The class's image files (hidden ones excluded), or a reason the folder contributes none."""
+    try:
+        with os.scandir(class_dir) as entries:
+            next(entries, None)
+    except OSError as e:
+        return [], f"unreadable class folder: {e.strerror}"
+    members = sorted(
+        f for f in class_dir.rglob("*")
+        if f.is_file() and not _is_hidden(f) and not any(map(_is_hidden, f.relative_to(class_dir).parents))
+    )
+    return members, "" if members else "empty class folder"
+
+
 @DATASETS.register("folder")
 def build(cfg) -> ImageDataset:
     if not cfg.root:
@@ -34,12 +48,21 @@ def build(cfg) -> ImageDataset:
     files: list[Path] = []
     labels: list[int] = []
     if class_dirs:
-        for c, d in enumerate(class_dirs):
-            members = sorted(f for f in d.rglob("*") if f.is_file() and not any(map(_is_hidden, f.relative_to(d).parents)) and not _is_hidden(f))
+        kept_dirs, left_out = [], []
+        for d in class_dirs:
+            members, reason = _members(d)
+            if reason:  # named, not silently dropped: rglob alone skips an unreadable folder without a word
+                left_out.append((f"{d.name}/", reason))
+                continue
             if cfg.max_per_class:
                 members = members[: cfg.max_per_class]
             files += members
-            labels += [c] * len(members)
+            labels += [len(kept_dirs)] * len(members)
+            kept_dirs.append(d)
+        if left_out:
+            log.warning("class folders left out: %s", ", ".join(f"{n} ({r})" for n, r in left_out))
+        skipped += left_out
+        class_dirs = kept_dirs
     else:
         files = loose
     if not files:
