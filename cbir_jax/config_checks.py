@@ -80,10 +80,22 @@ RULES: list[tuple[str, Check, str]] = [
     ("eval.query_chunk", _at_least(1), ">= 1"),
     ("eval.gallery_chunk", _at_least(1), ">= 1"),
     ("k", _at_least(1), ">= 1"),
+    ("head.reranker.k", _at_least(1), ">= 1"),
+    ("head.reranker.alpha", _non_negative, ">= 0"),
+    ("head.reranker.qe_k", _at_least(1), ">= 1"),
+    ("head.reranker.qe_alpha", _non_negative, ">= 0"),
+    ("head.reranker.dim", _at_least(1), ">= 1"),
+    ("head.reranker.depth", _at_least(0), ">= 0"),
+    ("head.reranker.heads", _at_least(1), ">= 1"),
+    ("head.reranker.pseudo_positives", _at_least(1), ">= 1"),
+    ("head.reranker.queries_per_step", _at_least(1), ">= 1"),
+    ("head.reranker.temperature", _positive, "> 0"),
+    ("head.reranker.val_every", _at_least(1), ">= 1"),
 ]
 # Rules between keys: (keys named in the message, test on the whole config, what must hold).
 RELATIONS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("labels.ssim_win_size", lambda c: c.labels.ssim_win_size <= c.labels.image_size, "<= labels.image_size"),
+    ("head.reranker.dim", lambda c: c.head.reranker.dim % c.head.reranker.heads == 0, "a multiple of head.reranker.heads"),
 ]
 _MISSING = object()
 
@@ -99,7 +111,7 @@ def _get(cfg: Any, key: str) -> Any:
 def choices() -> dict[str, tuple[str, ...]]:
     """Closed string choices not backed by a registry, from the modules that own them (imported late:
     the schema stays light)."""
-    from cbir_jax import heads, imageops, pair_labels, postprocess, splits, trainer
+    from cbir_jax import heads, imageops, pair_labels, postprocess, rerank_training, splits, trainer
 
     return {
         "train.schedule": trainer.SCHEDULES,
@@ -109,6 +121,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "backbone.resize": tuple(imageops.RESIZERS),
         "head.activation": tuple(heads.ACTIVATIONS),
         "eval.on": ("auto", "held_out", "all"),  # read by the evaluate entry point
+        "head.reranker.targets": tuple(rerank_training.TARGETS.names()),
+        "head.reranker.base": rerank_training.BASES,
     }
 
 
@@ -119,6 +133,11 @@ def problems(cfg: Any) -> list[str]:
         value = _get(cfg, key)
         if value is not _MISSING and value not in valid:
             out.append(f"{key}={value!r} must be one of {', '.join(valid)}")
+    from cbir_jax import tuning
+
+    for name in getattr(getattr(cfg, "eval", None), "tuned_baselines", []):
+        if name not in tuning.GRIDS:
+            out.append(f"eval.tuned_baselines: {name!r} must be one of {', '.join(tuning.GRIDS)}")
     for key, check, must in RULES:
         value = _get(cfg, key)
         if value is not _MISSING and not check(value):

@@ -64,16 +64,21 @@ def evaluate_stage(
             scorer = tuning.tuned_scorer(name, val, labels[split.val], cfg.cache_dir)
             all_scorers[scorer.name] = scorer
     results: dict[str, dict[str, float]] = {}
+    per_query: dict[str, np.ndarray] = {}
     for name, scorer in all_scorers.items():
+        values: dict[str, np.ndarray] = {}
         results[name] = evaluate_scorer(
             scorer, queries, gallery, labels[split.query], labels[split.gallery], split.self_index,
-            query_chunk=cfg.eval.query_chunk, gallery_chunk=cfg.eval.gallery_chunk,
+            query_chunk=cfg.eval.query_chunk, gallery_chunk=cfg.eval.gallery_chunk, per_query=values,
         )
+        per_query[name] = values["map_at_r"]
     table = format_table(results, title=f"{fs.dataset.name} · {stage.backbone.name} · {len(split.query)} queries × {len(split.gallery)} gallery")
     print(table, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2))
     atomic_write_text(out_dir / "metrics.md", table + "\n")
+    # Per-query MAP@R of every scorer, same query order: paired comparisons (cbir_jax.significance).
+    np.savez(out_dir / "per_query.npz", **{name: v for name, v in per_query.items()})
     if cfg.eval.figure:
         _figure(cfg, stage, all_scorers, queries, gallery, labels, out_dir / "topk.png")
     return results

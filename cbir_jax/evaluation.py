@@ -23,8 +23,13 @@ def evaluate_scorer(
     *,
     query_chunk: int = 256,
     gallery_chunk: int = 8192,
+    per_query: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Full-ranking metrics of one scorer; relevance = same label; the self-match is excluded."""
+    """Full-ranking metrics of one scorer; relevance = same label; the self-match is excluded.
+
+    `per_query`, if given, receives each metric per query (NaN where R = 0): what paired comparisons of
+    two scorers on the same queries need (cbir_jax/significance.py).
+    """
     state = scorer.prepare(jnp.asarray(gallery))
     acc = MetricAccumulator()
     n = len(queries)
@@ -37,6 +42,8 @@ def evaluate_scorer(
         scores = np.asarray(ranking.score_all(scorer, state, jnp.asarray(q), jnp.asarray(si), chunk=gallery_chunk))
         relevant = query_labels[start:stop, None] == gallery_labels[None, :]
         acc.add(scores[: stop - start], relevant, self_index[start:stop])
+    if per_query is not None:
+        per_query.update(acc.per_query())
     return acc.result()
 
 

@@ -125,15 +125,16 @@ def prepare_gallery(
 
     coef = jax.lax.map(row_coef, gram, batch_size=batch) if loo else jax.vmap(row_coef)(gram)  # (N, variants, M)
     norm = jnp.sqrt(jnp.maximum(jnp.einsum("jva,jac,jvc->jv", coef, gram, coef), EPS))
-    return {"g": g, "members": members, "coef": coef / norm[..., None], "gram": gram}
+    coef = coef / norm[..., None]
+    if not loo:  # one variant: the unit vectors d_j themselves, so scoring is one GEMM
+        return {"g": g, "d": jnp.einsum("jm,jmd->jd", coef[:, 0], g[members])}
+    return {"g": g, "members": members, "coef": coef}
 
 
 def _variant_index(rows: dict[str, jax.Array], self_index: jax.Array) -> jax.Array:
     """(B, N) which variant each (query, gallery row) pair uses: the query's position among the row's
     neighbours, or the spare's variant (the last) when the query is not among them or not in the gallery."""
     spare = rows["coef"].shape[1] - 1
-    if spare == 0:  # prepared without leave-one-out variants
-        return jnp.zeros((self_index.shape[0], rows["members"].shape[0]), jnp.int32)
     hit = rows["members"][None, :, 1:] == self_index[:, None, None]  # (B, N, k+1)
     return jnp.where(hit.any(-1), jnp.argmax(hit, -1), spare)
 
@@ -161,12 +162,17 @@ def expand_queries(model, params, spec: RerankerSpec, g: jax.Array, q: jax.Array
 
 
 def score_queries(model, params, spec: RerankerSpec, rows: dict[str, jax.Array], queries: jax.Array, self_index: jax.Array) -> jax.Array:
-    """(B, N) final similarities: learned query expansion, then α-QE over the leave-one-out d_j."""
+    """(B, N) final similarities: learned query expansion, then α-QE over the (leave-one-out) d_j."""
     g = rows["g"]
     b, n = queries.shape[0], g.shape[0]
     q = l2_normalise(queries)
-    var = _variant_index(rows, self_index)
     v = expand_queries(model, params, spec, g, q, self_index) if spec.query_side else q
+    if "d" in rows:  # prepared without variants: queries are not gallery items (training, external search)
+        d = rows["d"]
+        top_s, top_i = jax.lax.top_k(_mask_self(v @ d.T, self_index), min(spec.qe_k, n))
+        expanded = l2_normalise(v + jnp.einsum("bt,btd->bd", weights_from_similarity(top_s, spec.qe_alpha), d[top_i]))
+        return expanded @ d.T
+    var = _variant_index(rows, self_index)
     s = _mask_self(_augmented_similarity(v, rows, var), self_index)
     top_s, top_i = jax.lax.top_k(s, min(spec.qe_k, n))
     # v' = v + Σ_t w_t d_t (each d_t unit), written over gallery rows: a (B, N) mixing matrix.
@@ -178,16 +184,24 @@ def score_queries(model, params, spec: RerankerSpec, rows: dict[str, jax.Array],
     return _augmented_similarity(expanded, rows, var)
 
 
-def learned_scorer(model, params, spec: RerankerSpec, name: str = "learned_rerank") -> scorers.Scorer:
-    """The trained re-ranker as a Scorer (needs the whole gallery at once, like the other re-rankers)."""
+def learned_scorer(model, params, spec: RerankerSpec, name: str = "learned_rerank", *, leave_one_out: bool = True) -> scorers.Scorer:
+    """The trained re-ranker as a Scorer (whole gallery at once, like the other re-rankers).
+
+    `leave_one_out=False` prepares each d_j once, without the variants that keep a gallery item that is
+    also the query out of its neighbours' d_j: (k+1) times cheaper to prepare and one GEMM per query, for
+    search with external queries (self_index < 0) only.
+    """
 
     def prepare(gallery):
-        return prepare_gallery(model, params, spec, gallery), params
+        return _prepare_jit(model, params, spec, gallery, loo=leave_one_out), params
 
     def score(rows, shared, queries, self_index):
         return score_queries(model, shared, spec, rows, queries, self_index)
 
     return scorers.Scorer(name=name, prepare=prepare, score=score, chunkable=False)
+
+
+_prepare_jit = jax.jit(prepare_gallery, static_argnames=("model", "spec", "loo", "batch"))
 
 
 def build_model(spec: RerankerSpec) -> NeighbourhoodTransformer:

@@ -63,6 +63,10 @@ class MetricAccumulator:
         for k, v in per_query.items():
             self._values[k].append(v)
 
+    def per_query(self) -> dict[str, np.ndarray]:
+        """Each metric for every query added so far, in order (NaN for queries with R = 0)."""
+        return {k: np.concatenate(c) if c else np.zeros(0) for k, c in self._values.items()}
+
     def result(self) -> dict[str, float]:
         out = {}
         for k, chunks in self._values.items():

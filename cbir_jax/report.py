@@ -126,8 +126,40 @@ def write_csv(path: Path, rows: list[tuple[str, str, dict]]) -> None:
             w.writerow([kind, label, *values, s["n"], "/".join(str(q) for q in s["queries"])])
 
 
-def report(multirun: Path, out: Path | None = None) -> str:
-    """Writes OUT.md and OUT.csv for a multirun folder; returns the markdown."""
+def paired_rows(jobs: list[dict], versus: str) -> list[str]:
+    """For each learned row: its MAP@R minus the baseline whose name starts with `versus`, per query
+    (seeds averaged per query), with a 95% paired bootstrap interval over queries (significance.py)."""
+    from cbir_jax.significance import paired_bootstrap
+
+    common = [o for o in jobs[0]["overrides"] if all(o in j["overrides"] for j in jobs)]
+    groups: "OrderedDict[str, list[np.ndarray]]" = OrderedDict()
+    base: dict[str, np.ndarray] = {}
+    for job in jobs:
+        path = job["dir"] / "per_query.npz"
+        if not path.exists() or job["head"] not in job["metrics"]:
+            continue
+        with np.load(path) as z:
+            names = [n for n in z.files if n.startswith(versus)]
+            if not names or job["head"] not in z.files:
+                continue
+            base.setdefault(names[0], z[names[0]])
+            label = " ".join(o for o in job["overrides"] if o not in common) or job["head"]
+            groups.setdefault(label, []).append(z[job["head"]])
+    if not base:
+        return [f"No per_query.npz with a baseline named {versus}* and the learned scorer: no paired comparison."]
+    (name, b), = list(base.items())[:1]
+    lines = [f"Paired with `{name}` on the same queries (MAP@R, learned − baseline; seeds averaged per query; "
+             "95% bootstrap interval over queries, 10,000 resamples):", "",
+             "| learned row | n | Δ MAP@R | 95% CI | queries better / worse |", "|---|---|---|---|---|"]
+    for label, values in groups.items():
+        r = paired_bootstrap(np.mean(values, axis=0), b)
+        lines.append(f"| {label} | {len(values)} | {r['diff']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | {r['wins']} / {r['losses']} |")
+    return lines
+
+
+def report(multirun: Path, out: Path | None = None, versus: str | None = None) -> str:
+    """Writes OUT.md and OUT.csv for a multirun folder; returns the markdown. With `versus`, adds the
+    paired comparison of every learned row with that baseline (`paired_rows`)."""
     multirun = Path(multirun)
     if not multirun.is_dir():
         raise FileNotFoundError(f"{multirun}: no such multirun folder")
@@ -137,6 +169,8 @@ def report(multirun: Path, out: Path | None = None) -> str:
     common, rows = summarise(jobs)
     title = f"{multirun.name}: {len(jobs)} jobs" + (f" · {' '.join(common)}" if common else "")
     markdown = to_markdown(title, rows, missing)
+    if versus:
+        markdown += "\n\n" + "\n".join(paired_rows(jobs, versus))
     out = Path(out) if out else multirun.parent / f"{multirun.name}_report"
     if out.suffix in (".md", ".csv"):
         out = out.with_suffix("")
@@ -150,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cbir_jax.report", description=__doc__.splitlines()[0])
     parser.add_argument("multirun", type=Path, help="a Hydra multirun folder (outputs/multirun/DATE/TIME)")
     parser.add_argument("--out", type=Path, default=None, help="output path stem; writes STEM.md and STEM.csv")
+    parser.add_argument("--versus", default=None,
+                        help="baseline name (prefix, e.g. 'dba_alpha_qe[val') for paired bootstrap intervals")
     args = parser.parse_args(argv)
     try:
-        print(report(args.multirun, args.out))
+        print(report(args.multirun, args.out, args.versus))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -33,12 +33,15 @@ from tqdm.auto import tqdm
 
 from cbir_jax import checkpointing, learned_rerank, pair_labels
 from cbir_jax.data import DataError
+from cbir_jax.errors import DivergedError
 from cbir_jax.metrics import MetricAccumulator
 from cbir_jax.registry import Registry
 from cbir_jax.trainer import make_optimizer
 
 log = logging.getLogger(__name__)
 
+# head.reranker.base: where k, alpha, qe_k, qe_alpha come from (train.py resolves `tuned` on validation rows).
+BASES = ("fixed", "tuned")
 # targets name -> (training features, labels thunk, cfg) -> (N, N) bool relevance of training rows.
 TARGETS: Registry[Callable[..., np.ndarray]] = Registry("re-ranker training targets")
 
@@ -133,7 +136,7 @@ def train_reranker(
         return validation_map_at_r(model, spec, p, val_x, val_y) if has_val else None
 
     best = {"val_map_at_r": validate(params), "epoch": 0, "params": params}
-    log.info("re-ranker: %d training rows, %d steps; validation MAP@R at init (= DBA + alpha-QE): %s",
+    log.info("re-ranker: %d training rows, %d steps; validation MAP@R untrained (DBA's weights on both sides): %s",
              n, total, best["val_map_at_r"])
     metrics = (run_dir / "metrics.jsonl").open("w")
     metrics.write(json.dumps({"step": 0, "epoch": 0, "val_map_at_r": best["val_map_at_r"]}) + "\n")
@@ -151,7 +154,7 @@ def train_reranker(
             step += 1
             progress.update(1)
             if not np.isfinite(losses[-1]):
-                raise FloatingPointError(f"re-ranker loss is {losses[-1]} at step {step}")
+                raise DivergedError(f"re-ranker training diverged: loss {losses[-1]} at step {step} (lower train.learning_rate)")
         record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": float(np.mean(losses))}
         losses = []
         if has_val and (epoch % rcfg.val_every == 0 or epoch == cfg.train.epochs):

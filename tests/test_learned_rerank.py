@@ -58,6 +58,10 @@ def test_leave_one_out_equals_removing_the_query_from_the_gallery():
         removed = np.asarray(scorer.score(*scorer.prepare(jnp.asarray(rest)), jnp.asarray(x[i : i + 1]), jnp.array([-1], jnp.int32)))[0]
         assert loo[i] == -np.inf or not np.isfinite(loo[i]) or np.argmax(loo) != i
         np.testing.assert_allclose(np.delete(loo, i), removed, atol=1e-5)
+        # Without variants (external queries): the same scores from explicit d_j and one GEMM.
+        plain = lr.learned_scorer(model, params, SPEC, leave_one_out=False)
+        direct = np.asarray(plain.score(*plain.prepare(jnp.asarray(rest)), jnp.asarray(x[i : i + 1]), jnp.array([-1], jnp.int32)))[0]
+        np.testing.assert_allclose(direct, removed, atol=1e-5)
 
 
 def test_query_chunks_score_exactly_as_one_batch():
