@@ -7,7 +7,8 @@ Both sides at the parameters the study uses (k=50, α=3, qe_k=15, qe_α=1; the l
 of size 1280 (EfficientNet-Lite0's feature size); queries: 256 other vectors of the same clusters, ranked
 in chunks of 64 (the (B, N, k+2) coefficient gathers of both methods bound the chunk). Cases:
 - `prepare`: the per-gallery work, done once (neighbourhoods; the learned side also runs its transformer
-  on every item: once per item, plus once per leave-one-out variant with `loo`);
+  on every item: once per item; with `--loo` also the (k+1) leave-one-out variants per item that
+  evaluation with gallery items as queries needs);
 - `query`: scoring 256 external queries against the prepared gallery (time per query reported).
 The learned model's parameters are random: its cost does not depend on their values.
 """
@@ -15,12 +16,12 @@ The learned model's parameters are random: its cost does not depend on their val
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import numpy as np
 
 from benchmarks.harness import Side, alternate
+from benchmarks.timing import times
 
 K, ALPHA, QE_K, QE_ALPHA = 50, 3.0, 15, 1.0
 QUERIES, CHUNK = 256, 64
@@ -33,15 +34,6 @@ def _data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     x = centres[y] + 0.8 * rng.normal(size=(len(y), 1280)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x[:n], x[n:]
-
-
-def _time(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def _measure(scorer, n: int, reps: int, loo_prepare=None) -> dict[str, Any]:
@@ -62,11 +54,10 @@ def _measure(scorer, n: int, reps: int, loo_prepare=None) -> dict[str, Any]:
         for start in range(0, QUERIES, CHUNK):
             jax.block_until_ready(score(*state, jnp.asarray(q[start:start + CHUNK]), minus_one))
 
-    query()  # compile
-    times = {"prepare": _time(prepare, reps), "query (per query)": [t / QUERIES for t in _time(query, reps)]}
+    out = {"prepare": times(prepare, reps), "query (per query)": [t / QUERIES for t in times(query, reps)]}
     if loo_prepare is not None:
-        times["prepare with leave-one-out variants"] = _time(lambda: jax.block_until_ready(loo_prepare(g)), 1)
-    return {"times": times, "info": {"config": f"JAX {jax.__version__}, k={K}, qe_k={QE_K}"}}
+        out["prepare with leave-one-out variants"] = times(lambda: jax.block_until_ready(loo_prepare(g)), 1)
+    return {"times": out, "info": {"config": f"JAX {jax.__version__}, k={K}, qe_k={QE_K}"}}
 
 
 def side_dba(n: int, reps: int) -> dict[str, Any]:
@@ -75,7 +66,7 @@ def side_dba(n: int, reps: int) -> dict[str, Any]:
     return _measure(rerank.build_reranker("dba_alpha_qe", k=K, alpha=ALPHA, qe_k=QE_K, qe_alpha=QE_ALPHA), n, reps)
 
 
-def side_learned(n: int, reps: int) -> dict[str, Any]:
+def side_learned(n: int, reps: int, loo: bool = False) -> dict[str, Any]:
     import jax
 
     from cbir_jax import learned_rerank as lr
@@ -84,7 +75,8 @@ def side_learned(n: int, reps: int) -> dict[str, Any]:
     model = lr.build_model(spec)
     params = lr.init_params(model, spec, jax.random.key(0))
     plain = lr.learned_scorer(model, params, spec, leave_one_out=False)
-    return _measure(plain, n, reps, loo_prepare=lambda g: lr.prepare_gallery(model, params, spec, g, loo=True))
+    loo_prepare = (lambda g: lr.prepare_gallery(model, params, spec, g, loo=True)) if loo else None
+    return _measure(plain, n, reps, loo_prepare=loo_prepare)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--loo", action="store_true", help="also time preparing the leave-one-out variants")
     args = parser.parse_args(argv)
     kwargs = {"n": args.n, "reps": args.reps}
-    sides = [Side("learned_rerank", "benchmarks.rerank_cost:side_learned", kwargs, peer=False),
+    sides = [Side("learned_rerank", "benchmarks.rerank_cost:side_learned", {**kwargs, "loo": args.loo}, peer=False),
              Side("dba_alpha_qe", "benchmarks.rerank_cost:side_dba", kwargs, peer=False)]
     results = alternate(sides, args.rounds)
     ours, peer = results["learned_rerank"], results["dba_alpha_qe"]
