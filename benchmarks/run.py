@@ -88,7 +88,9 @@ def render(rows: list[dict], quick: bool, seconds: float, blas: str, log: list[s
             "- Limit reached: the larger of GFLOP/s ÷ sgemm peak and GB/s ÷ streaming read (roofline). Fixed "
             "metrics count 2·B·N·D flops and N·D·4 gallery bytes per search; the mlp head counts "
             "2·D·H + 2·H flops per pair (D=1280, H=512: the first layer as a GEMM plus the output layer; "
-            "adds and the activation are not counted).",
+            "adds and the activation are not counted). The limits are measured in the same run, under the same shared "
+            "load; over 100% means the limit was measured in a busier moment than the job (or, at N=10k, that "
+            "the gallery sat in cache).",
             "- Agreement: mean share of the top-10 indices that ours and the peer have in common.",
             "- Data: clustered synthetic features (1024 centres + uniform noise), generated identically in every "
             "process; ranking excludes the one-off gallery preparation (norms, g²·W₁, faiss index build) for all."]
