@@ -1,10 +1,10 @@
 """Feature-extraction throughput: our Flax EfficientNet-Lite0 against the PyTorch reference at its best.
 
 Ours and the peer run in separate fresh processes, alternating (benchmarks.harness), on the same random
-batch of 32 (8 with --quick) preprocessed 224px images, after a warm-up call (compilation excluded). The peer runs as the
-PyTorch docs advise for CPU inference: `torch.inference_mode()`, `torch.set_num_threads(cores)`, in both
-memory layouts (NCHW and channels-last, model and input alike); the faster layout is the peer, and the
-table says which won. Numbers are images/s of the forward pass (pooled features).
+batch of 32 (8 with --quick) preprocessed 224px images, after a warm-up call (compilation excluded).
+The peer runs as the PyTorch docs advise for CPU inference: `torch.inference_mode()`,
+`torch.set_num_threads(cores)`, in both memory layouts (NCHW and channels-last, model and input alike);
+the faster layout is the peer, and the table says which won. Numbers are images/s of the forward pass (pooled features).
 
     python -m benchmarks.extraction [--quick]
 """
@@ -47,7 +47,8 @@ def side_torch(reps: int, batch: int, layout: str) -> dict[str, Any]:
     from efficientnet_lite_pytorch import EfficientNet
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
     model.eval()
     x = torch.from_numpy(_batch(batch)).permute(0, 3, 1, 2)  # NCHW shape; the strides say the layout
     if layout == "channels_last":
@@ -75,7 +76,8 @@ def run(quick: bool) -> list[dict]:
     except ImportError:
         layouts = ()
     sides = [Side("ours", "benchmarks.extraction:side_ours", {"reps": reps, "batch": batch}, peer=False)]
-    sides += [Side(lay, "benchmarks.extraction:side_torch", {"reps": reps, "batch": batch, "layout": lay}) for lay in layouts]
+    sides += [Side(lay, "benchmarks.extraction:side_torch", {"reps": reps, "batch": batch, "layout": lay})
+              for lay in layouts]
     res = alternate(sides, rounds)
     ours = res["ours"]
     if not layouts:
@@ -84,8 +86,8 @@ def run(quick: bool) -> list[dict]:
     won = min(layouts, key=lambda lay: res[lay].best("forward"))
     peer = res[won]
     err = float(np.max(np.abs(ours.arrays["features"] - peer.arrays["features"])))
-    each = ", ".join(f"{lay} best {batch / res[lay].best('forward'):.1f} / median {batch / res[lay].median('forward'):.1f}"
-                     for lay in layouts)
+    each = ", ".join(f"{lay} best {batch / res[lay].best('forward'):.1f} / "
+                     f"median {batch / res[lay].median('forward'):.1f}" for lay in layouts)
     return [table.rate_row(
         job, "images/s", f"torch reference, {won} (won; {each} img/s): {peer.info['config']}", batch, ours, peer,
         "forward", note=f"max |ours - torch| = {err:.1e}; "

@@ -19,7 +19,8 @@ D, K, HIDDEN = 1280, 10, 512
 BATCHES = (1, 256)
 
 
-def _data(n: int, n_queries: int, seed: int, empty: Callable[..., np.ndarray] = np.empty) -> tuple[np.ndarray, np.ndarray]:
+def _data(n: int, n_queries: int, seed: int,
+          empty: Callable[..., np.ndarray] = np.empty) -> tuple[np.ndarray, np.ndarray]:
     """Clustered features (1024 centres + uniform noise); the same for every side given the seed."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((1024, D), dtype=np.float32)
@@ -264,7 +265,8 @@ def mlp_rows(cases: list[tuple[int, int]], naive_cases: list[tuple[int, int]], r
     """Ours (GEMM form), numpy (the head as written, per query) and, for reference, ours' naive vmap form."""
     alternate([Side("layers", "benchmarks.ranking:side_mlp_layers", {"path": layers_path}, peer=False)], 1)
     sides = [Side("ours", "benchmarks.ranking:side_mlp_ours", {"cases": cases, "reps": reps, "fast": True}, peer=False),
-             Side("numpy", "benchmarks.ranking:side_mlp_numpy", {"cases": cases, "reps": reps, "layers_path": layers_path})]
+             Side("numpy", "benchmarks.ranking:side_mlp_numpy",
+                  {"cases": cases, "reps": reps, "layers_path": layers_path})]
     if naive_cases:
         sides.append(Side("naive", "benchmarks.ranking:side_mlp_ours",
                           {"cases": naive_cases, "reps": reps, "fast": False}, peer=False))
@@ -286,7 +288,8 @@ def mlp_rows(cases: list[tuple[int, int]], naive_cases: list[tuple[int, int]], r
         rows.append(table.rate_row(
             f"rank mlp head, naive vmap form, B={b}, N={n:,}", "pairs/s", "ours, GEMM form (own process)",
             pairs, res["naive"], ours if case in ours.times else None, case,
-            note=f"the pairwise application (fast=False), for reference; {res['naive'].processes} processes × {reps} reps",
+            note=f"the pairwise application (fast=False), for reference; "
+                 f"{res['naive'].processes} processes × {reps} reps",
             limit=table.fraction(pairs * flops_per_pair, None, res["naive"].best(case))))
     return rows
 
