@@ -109,7 +109,7 @@ def gallery_neighbourhoods(g: jax.Array, k: int, chunk: int = 8192) -> tuple[jax
 
 
 def prepare_gallery(
-    model, params, spec: RerankerSpec, gallery: jax.Array, *, loo: bool = True, batch: int = 256
+    model, params, spec: RerankerSpec, gallery: jax.Array, *, loo: bool = True, batch: int = 32
 ) -> dict[str, jax.Array]:
     """Every gallery row's unit-norm d_j as coefficients over its members, for each leave-one-out variant
     (`loo=False`: only the spare's variant, for queries that are not in the gallery, as in training)."""
