@@ -117,8 +117,9 @@ def load_trained(run: Path, cfg_now: DictConfig, overridden: frozenset[str] = fr
     return OmegaConf.to_object(saved), info
 
 
-def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -> scorers.Scorer:
-    """The run's head with its restored parameters; checks the features match what it was trained on."""
+def restored_head(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -> tuple[Any, Any]:
+    """The run's head and its restored parameters (the `eval.select` checkpoint); checks the features match
+    what it was trained on."""
     if info["backbone_fingerprint"] != stage.backbone.fingerprint:
         raise checkpointing.CheckpointError(
             f"checkpoint={run} was trained on {info['backbone']} features "
@@ -129,8 +130,43 @@ def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -
     params = {}
     if heads.is_learned(cfg.head.name):
         like = heads.init_params(head, dim, jax.random.key(0))
-        params = checkpointing.restore_params(run, like)
-    return scorers.pair_scorer(cfg.head.name, head, params)
+        which = cfg.eval.select if cfg.eval.select != "best" or checkpointing.available(run, "best") else "last"
+        if which != cfg.eval.select:
+            log.info("checkpoint=%s has no validation (best) checkpoint; evaluating its last one", run)
+        params = checkpointing.restore_params(run, like, which)
+    return head, params
+
+
+def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -> scorers.Scorer:
+    """The run's head with its restored parameters, as evaluation scores it."""
+    head, params = restored_head(cfg, run, info, stage)
+    return scorers.head_scorer(cfg.head, head, params)
+
+
+def selected_params(select: str, run: Path, last_params: Any) -> Any:
+    """The parameters `eval.select` names: `last_params`, or the run's best-on-validation ones if it has them."""
+    if select == "last" or not checkpointing.available(run, "best"):
+        return last_params
+    if select != "best":
+        raise checkpointing.CheckpointError(f"eval.select={select!r}: valid are best, last")
+    return checkpointing.restore_params(run, last_params, "best")
+
+
+def verdict(results: dict[str, dict[str, float]], learned: str, metric: str = "map_at_r") -> str:
+    """One line when the learned scorer ranks below the best baseline in the table, else ''."""
+    if learned not in results:
+        return ""
+    others = {k: v[metric] for k, v in results.items() if k != learned}
+    if not others:
+        return ""
+    best = max(others, key=others.get)
+    ours = results[learned][metric]
+    if ours >= others[best]:
+        return ""
+    return (
+        f"note: the learned head ({learned}) is below {best} on {metric}: {ours:.4f} vs {others[best]:.4f}. "
+        "See `python -m cbir_jax.diagnose` and experiments/README.md (why learned heads fail)."
+    )
 
 
 def overridden_keys() -> frozenset[str]:

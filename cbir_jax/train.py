@@ -12,10 +12,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from cbir_jax import checkpointing, heads, pair_labels, scorers, trainer
+from cbir_jax import checkpointing, heads, pair_labels, scorers, selection, trainer
 from cbir_jax.cli import run_dir, run_or_exit, to_typed
 from cbir_jax.config import CONFIG_DIR, Config
-from cbir_jax.evaluate import evaluate_stage
+from cbir_jax.evaluate import evaluate_stage, selected_params, verdict
 from cbir_jax.pipeline import load_stage, postprocessed
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,15 @@ def train(cfg: Config, out_dir: Path) -> dict[str, dict[str, float]]:
         context = pair_labels.PairContext(
             features=train_x, thumbnails=fs.thumbnails[split.train], class_labels=train_labels, cfg=cfg.labels
         )
-        params = trainer.train_head(cfg, head, train_x, context, out_dir)
+        keeper = None
+        if len(split.val):  # validation rows, post-processed as a gallery of their own (as evaluation does)
+            raw_val = fs.features[split.val]
+            validator = selection.Validator(postprocessed(cfg, raw_val, fit_on=raw_val), fs.labels[split.val])
+            keeper = selection.BestKeeper(out_dir, validator, lambda p: scorers.head_scorer(cfg.head, head, p))
+        elif cfg.train.patience is not None:
+            raise ValueError("train.patience needs validation rows: set data.split.val_fraction > 0")
+        params = trainer.train_head(cfg, head, train_x, context, out_dir, keeper)
+        params = selected_params(cfg.eval.select, out_dir, params)
     checkpointing.write_model_info(
         out_dir,
         {
@@ -50,9 +58,17 @@ def train(cfg: Config, out_dir: Path) -> dict[str, dict[str, float]]:
             "train_images": int(len(split.train)),
         },
     )
+    if cfg.train.diagnose:
+        from cbir_jax.diagnose import run_diagnostics
+
+        run_diagnostics(cfg, stage, {cfg.head.name: (head, params)} if params else {}, out_dir)
     if not cfg.train.evaluate:
         return {}
-    return evaluate_stage(cfg, stage, {cfg.head.name: scorers.pair_scorer(cfg.head.name, head, params)}, out_dir)
+    results = evaluate_stage(cfg, stage, {cfg.head.name: scorers.head_scorer(cfg.head, head, params)}, out_dir)
+    note = verdict(results, cfg.head.name)
+    if note:
+        print(note, flush=True)
+    return results
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
