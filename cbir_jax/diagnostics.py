@@ -41,22 +41,27 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(scipy.stats.spearmanr(a, b).statistic)
 
 
+def pair_part(i: np.ndarray, j: np.ndarray, t: np.ndarray, n: int) -> np.ndarray:
+    """What is left of t_ij after the least-squares per-image fit t ~ mu + a_i + a_j: the pair effect r_ij."""
+    t = np.asarray(t, np.float64)
+    centred = t - t.mean()
+    m = len(t)
+    rows = np.concatenate([np.arange(m), np.arange(m)])
+    design = scipy.sparse.csr_matrix((np.ones(2 * m), (rows, np.concatenate([i, j]))), shape=(m, n))
+    a = scipy.sparse.linalg.lsqr(design, centred, atol=1e-10, btol=1e-10, iter_lim=5000)[0]
+    return centred - design @ a
+
+
 def additive_share(i: np.ndarray, j: np.ndarray, t: np.ndarray, n: int) -> float:
     """Share of the variance of targets t_ij explained by per-image terms: least squares t ~ mu + a_i + a_j.
 
     1 means the target is a sum of per-image properties (no pair information at all); 0 means none of it is.
     """
     t = np.asarray(t, np.float64)
-    centred = t - t.mean()
-    total = float(centred @ centred)
+    total = float(np.sum((t - t.mean()) ** 2))
     if total == 0:
         return float("nan")
-    m = len(t)
-    rows = np.concatenate([np.arange(m), np.arange(m)])
-    cols = np.concatenate([i, j])
-    design = scipy.sparse.csr_matrix((np.ones(2 * m), (rows, cols)), shape=(m, n))
-    a = scipy.sparse.linalg.lsqr(design, centred, atol=1e-10, btol=1e-10, iter_lim=5000)[0]
-    resid = centred - design @ a
+    resid = pair_part(i, j, t, n)
     return float(1.0 - (resid @ resid) / total)
 
 
@@ -134,6 +139,8 @@ def pair_diagnostics(
     """How a scorer's (or a label's) values on pairs relate to the targets, to cosine and to the classes."""
     out = {
         "spearman_with_target": spearman(values, targets),
+        # the part a per-query ranking can use: both sides with their per-image terms removed
+        "spearman_pair_part": spearman(pair_part(i, j, values, n), pair_part(i, j, targets, n)),
         "spearman_with_cosine": spearman(values, cosine),
         "additive_share": additive_share(i, j, values, n),
     }
