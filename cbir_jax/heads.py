@@ -36,11 +36,12 @@ class SignedDense(nn.Module):
     features: int
     sign: float = 1.0
     kernel_init: Callable = _nonnegative_lecun
+    bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        bias = self.param("bias", self.bias_init, (self.features,))
         return x @ (self.sign * nonnegative_kernel(kernel)) + bias
 
 
@@ -50,7 +51,10 @@ MONOTONE_ACTIVATIONS = ("relu", "tanh")
 class MLP(nn.Module):
     """Hidden layers then one output unit; the trunk shared by the learned heads.
 
-    `zero_output`: the output layer starts at 0, so a residual head starts exactly at its base metric.
+    `constant_start`: the MLP starts as a constant function, so a residual head starts ranking exactly like
+    its base metric — the output layer starts at zero (or, when `monotone`, the first layer does, with a
+    small positive bias so its units pass gradients: a zero output layer of a monotone MLP would stay at
+    zero, since max(v, 0) has no gradient below 0).
     `monotone`: every layer is a `SignedDense`, the output one with sign -1, so the output never rises when
     an input rises (with a monotone activation). Layers are named Dense_0, Dense_1, ... either way, so the
     GEMM forms read them alike (`effective_layers`).
@@ -58,21 +62,25 @@ class MLP(nn.Module):
 
     hidden: Sequence[int]
     activation: str = "relu"
-    zero_output: bool = False
+    constant_start: bool = False
     monotone: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
-        out_init = nn.initializers.zeros if self.zero_output else None
+        zeros = {"kernel_init": nn.initializers.zeros}
         for i, width in enumerate(self.hidden):
-            layer = SignedDense(width, name=f"Dense_{i}") if self.monotone else nn.Dense(width, name=f"Dense_{i}")
+            if self.monotone:
+                start = {**zeros, "bias_init": nn.initializers.constant(0.1)} if self.constant_start and i == 0 else {}
+                layer = SignedDense(width, name=f"Dense_{i}", **start)
+            else:
+                layer = nn.Dense(width, name=f"Dense_{i}")
             x = act(layer(x))
         name = f"Dense_{len(self.hidden)}"
         if self.monotone:
-            out = SignedDense(1, sign=-1.0, name=name, **({"kernel_init": out_init} if out_init else {}))
+            out = SignedDense(1, sign=-1.0, name=name)
         else:
-            out = nn.Dense(1, name=name, **({"kernel_init": out_init} if out_init else {}))
+            out = nn.Dense(1, name=name, **(zeros if self.constant_start else {}))
         return out(x)[..., 0]
 
 
@@ -97,12 +105,12 @@ class SquaredDifferenceMLP(nn.Module):
 
     hidden: Sequence[int]
     activation: str = "relu"
-    zero_output: bool = False
+    constant_start: bool = False
     monotone: bool = False
 
     @nn.compact
     def __call__(self, q: jax.Array, g: jax.Array) -> jax.Array:
-        return MLP(self.hidden, self.activation, self.zero_output, self.monotone, name="mlp")((q - g) ** 2)
+        return MLP(self.hidden, self.activation, self.constant_start, self.monotone, name="mlp")((q - g) ** 2)
 
 
 class ConcatMLP(nn.Module):
@@ -110,12 +118,12 @@ class ConcatMLP(nn.Module):
 
     hidden: Sequence[int]
     activation: str = "relu"
-    zero_output: bool = False
+    constant_start: bool = False
 
     @nn.compact
     def __call__(self, q: jax.Array, g: jax.Array) -> jax.Array:
         q, g = jnp.broadcast_arrays(q, g)
-        return MLP(self.hidden, self.activation, self.zero_output, name="mlp")(jnp.concatenate([q, g], axis=-1))
+        return MLP(self.hidden, self.activation, self.constant_start, name="mlp")(jnp.concatenate([q, g], axis=-1))
 
 
 def euclidean_distance(q: jax.Array, g: jax.Array) -> jax.Array:
@@ -168,8 +176,8 @@ FIXED_METRICS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 class Residual(nn.Module):
     """A fixed metric plus a learned correction: exp(log_scale) * base(q, g) + bias + correction(q, g).
 
-    The correction's output layer starts at zero and the scale at 1, so before training the head ranks
-    exactly like `base`; with best-on-validation selection (cbir_jax/selection.py) it then cannot end below
+    The correction starts as a constant (zero, unless monotone) and the scale at 1, so before training the
+    head ranks exactly like `base`; with best-on-validation selection (cbir_jax/selection.py) it then cannot end below
     it on the validation classes. The scale and bias let a regression loss match the target's range
     without spending the correction on it.
     """
@@ -186,7 +194,7 @@ class Residual(nn.Module):
 
 def _maybe_residual(cfg, correction_cls, **kwargs) -> nn.Module:
     residual = getattr(cfg, "residual", False)
-    inner = correction_cls(hidden=tuple(cfg.hidden), activation=cfg.activation, zero_output=residual, **kwargs)
+    inner = correction_cls(hidden=tuple(cfg.hidden), activation=cfg.activation, constant_start=residual, **kwargs)
     if not residual:
         return inner
     base = getattr(cfg, "base", "cosine")
