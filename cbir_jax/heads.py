@@ -51,10 +51,10 @@ MONOTONE_ACTIVATIONS = ("relu", "tanh")
 class MLP(nn.Module):
     """Hidden layers then one output unit; the trunk shared by the learned heads.
 
-    `constant_start`: the MLP starts as a constant function, so a residual head starts ranking exactly like
-    its base metric — the output layer starts at zero (or, when `monotone`, the first layer does, with a
-    small positive bias so its units pass gradients: a zero output layer of a monotone MLP would stay at
-    zero, since max(v, 0) has no gradient below 0).
+    `constant_start`: the MLP starts at zero, so a residual head starts exactly at its base metric — the
+    output layer starts at zero; or, when `monotone`, the first layer does (with a small positive bias so
+    its units pass gradients; a zero monotone output layer would be stuck, max(v, 0) has no gradient below
+    0) and the output is measured from that of a zero input.
     `monotone`: every layer is a `SignedDense`, the output one with sign -1, so the output never rises when
     an input rises (with a monotone activation). Layers are named Dense_0, Dense_1, ... either way, so the
     GEMM forms read them alike (`effective_layers`).
@@ -69,19 +69,29 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         zeros = {"kernel_init": nn.initializers.zeros}
+        layers = []
         for i, width in enumerate(self.hidden):
             if self.monotone:
                 start = {**zeros, "bias_init": nn.initializers.constant(0.1)} if self.constant_start and i == 0 else {}
-                layer = SignedDense(width, name=f"Dense_{i}", **start)
+                layers.append(SignedDense(width, name=f"Dense_{i}", **start))
             else:
-                layer = nn.Dense(width, name=f"Dense_{i}")
-            x = act(layer(x))
+                layers.append(nn.Dense(width, name=f"Dense_{i}"))
         name = f"Dense_{len(self.hidden)}"
         if self.monotone:
-            out = SignedDense(1, sign=-1.0, name=name)
+            layers.append(SignedDense(1, sign=-1.0, name=name))
         else:
-            out = nn.Dense(1, name=name, **(zeros if self.constant_start else {}))
-        return out(x)[..., 0]
+            layers.append(nn.Dense(1, name=name, **(zeros if self.constant_start else {})))
+
+        def apply(h):
+            for layer in layers[:-1]:
+                h = act(layer(h))
+            return layers[-1](h)[..., 0]
+
+        if self.monotone and self.constant_start:
+            # Measured from a zero input: exactly 0 at the start, and <= 0 always (monotone), so the
+            # residual's own bias, not the correction, carries any offset of the target.
+            return apply(x) - apply(jnp.zeros(x.shape[-1:], x.dtype))
+        return apply(x)
 
 
 def effective_layers(mlp_params, monotone: bool) -> list[tuple[jax.Array, jax.Array]]:
@@ -176,8 +186,7 @@ FIXED_METRICS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 class Residual(nn.Module):
     """A fixed metric plus a learned correction: exp(log_scale) * base(q, g) + bias + correction(q, g).
 
-    The correction starts as a constant (zero, unless monotone) and the scale at 1, so before training the
-    head ranks exactly like `base`; with best-on-validation selection (cbir_jax/selection.py) it then cannot end below
+    The correction starts at zero and the scale at 1, so before training the head ranks exactly like `base`; with best-on-validation selection (cbir_jax/selection.py) it then cannot end below
     it on the validation classes. The scale and bias let a regression loss match the target's range
     without spending the correction on it.
     """

@@ -137,6 +137,8 @@ def _squared_difference_form(head, params):
     (w1, b1), rest = layers[0], layers[1:]
     act = heads_lib.ACTIVATIONS[head.activation]
     h1 = w1.shape[1]
+    # a monotone residual correction is measured from its value at a zero difference (heads.MLP)
+    offset = _tail(act(b1), rest, act) if head.monotone and head.constant_start else 0.0
 
     def prepare(gallery):
         center = jnp.mean(gallery.astype(jnp.float32), axis=0)
@@ -155,7 +157,7 @@ def _squared_difference_form(head, params):
             q_term = (qs * qs) @ w + b  # (qb, H)
             wq = (-2.0 * qs[:, :, None] * w[None]).transpose(1, 0, 2).reshape(w.shape[0], qb * h1)
             pre = (g @ wq).reshape(n, qb, h1) + rows["g2w"][:, None, :] + q_term[None]
-            return _tail(act(pre), tail, act).T
+            return _tail(act(pre), tail, act).T - offset
 
         return _by_query_blocks(queries, h1, block)
 

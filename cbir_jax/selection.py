@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
 
 from cbir_jax import checkpointing
@@ -91,6 +92,7 @@ class BestKeeper:
         self.metric = metric
         self.selection = Selection.load(self.run_dir, metric)
         self.manager = checkpointing.manager(self.run_dir, max_to_keep=1, subdir=BEST_DIR)
+        self.best_params: Any = None  # a host copy of the best found in this process (None after a resume)
 
     def validate(self, step: int, epoch: int, params: Any) -> dict[str, float]:
         """Validation metrics of `params`; saves them as the best if they are. Returns the record to log."""
@@ -99,6 +101,7 @@ class BestKeeper:
         is_best = self.selection.record(step, epoch, value)
         if is_best:
             checkpointing.save_params(self.manager, step, params)
+            self.best_params = jax.device_get(params)
         self.selection.save(self.run_dir)
         record = {f"val_{k}": v for k, v in metrics.items() if k != "skipped_queries"}
         return {**record, "best_step": self.selection.best_step}
