@@ -242,6 +242,13 @@ def build_head(cfg) -> nn.Module:
     return HEADS.get(cfg.name)(cfg)
 
 
+def base_metric(cfg) -> str | None:
+    """The fixed metric a learned head equals at initialisation (a residual head's base), or None."""
+    if cfg.name == "cosine_residual":
+        return "cosine"
+    return getattr(cfg, "base", "cosine") if getattr(cfg, "residual", False) and cfg.name in ("mlp", "simnet") else None
+
+
 def is_learned(name: str) -> bool:
     return name not in FIXED_METRICS
 

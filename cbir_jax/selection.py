@@ -112,3 +112,16 @@ class BestKeeper:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def describe(sel: Selection, base: Optional[str] = None) -> str:
+    """One line on what validation selected; says so plainly when it kept the starting point."""
+    if sel.best_step is None:
+        return ""
+    values = [h["value"] for h in sel.history]
+    line = (f"validation {sel.metric}: start {values[0]:.4f}, best {sel.best_value:.4f} at step {sel.best_step} "
+            f"(epoch {sel.best_epoch}), last {values[-1]:.4f}")
+    if sel.best_step == 0 and base:
+        line += (f". Training never beat the starting point on the validation classes, so the head kept is "
+                 f"exactly its base metric ({base}).")
+    return line

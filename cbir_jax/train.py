@@ -46,6 +46,8 @@ def train(cfg: Config, out_dir: Path) -> dict[str, dict[str, float]]:
         elif cfg.train.patience is not None:
             raise ValueError("train.patience needs validation rows: set data.split.val_fraction > 0")
         params = trainer.train_head(cfg, head, train_x, context, out_dir, keeper)
+        if keeper is not None:
+            print(selection.describe(keeper.selection, heads.base_metric(cfg.head)), flush=True)
         if cfg.eval.select == "best" and keeper is not None and keeper.best_params is not None:
             params = keeper.best_params  # the same values as RUN/best, without reading them back
         else:

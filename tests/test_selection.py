@@ -102,7 +102,7 @@ def test_evaluate_uses_the_best_checkpoint_unless_told_otherwise(tmp_path, monke
     # Best = the starting point, where a residual head *is* cosine: its row must equal cosine's exactly.
     _scripted(monkeypatch, [0.9, 0.1, 0.1])
     run = tmp_path / "run"
-    residual = ("head.residual=true", "train.learning_rate=0.05")
+    residual = ("head.residual=true", "head.monotone=false", "train.learning_rate=0.05")
     trained = _train(run, *residual)
     assert trained["mlp"] == trained["cosine"]
     best = evaluate(compose_config(f"checkpoint={run}", *residual), tmp_path / "best")
