@@ -47,6 +47,14 @@ def available(run_dir: str | Path, which: str) -> bool:
     return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
+def resolve(run_dir: str | Path, select: str) -> str:
+    """The checkpoint `eval.select` means for this run: `best` falls back to `last` where the run had no
+    validation rows (and so no best checkpoint)."""
+    if select not in CHECKPOINT_DIRS:
+        raise CheckpointError(f"eval.select={select!r}: valid are {', '.join(CHECKPOINT_DIRS)}")
+    return "last" if select == "best" and not available(run_dir, "best") else select
+
+
 def save(mngr: ocp.CheckpointManager, step: int, params: Any, train_state: dict[str, Any]) -> None:
     mngr.save(
         step,

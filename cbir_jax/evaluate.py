@@ -130,7 +130,7 @@ def restored_head(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) ->
     params = {}
     if heads.is_learned(cfg.head.name):
         like = heads.init_params(head, dim, jax.random.key(0))
-        which = cfg.eval.select if cfg.eval.select != "best" or checkpointing.available(run, "best") else "last"
+        which = checkpointing.resolve(run, cfg.eval.select)
         if which != cfg.eval.select:
             log.info("checkpoint=%s has no validation (best) checkpoint; evaluating its last one", run)
         params = checkpointing.restore_params(run, like, which)
@@ -145,10 +145,8 @@ def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -
 
 def selected_params(select: str, run: Path, last_params: Any) -> Any:
     """The parameters `eval.select` names: `last_params`, or the run's best-on-validation ones if it has them."""
-    if select == "last" or not checkpointing.available(run, "best"):
+    if checkpointing.resolve(run, select) == "last":
         return last_params
-    if select != "best":
-        raise checkpointing.CheckpointError(f"eval.select={select!r}: valid are best, last")
     return checkpointing.restore_params(run, last_params, "best")
 
 
