@@ -52,7 +52,7 @@ _UNGROUPED = ("seed", "experiment")
 
 
 def flatten_diagnostics(d: dict) -> dict[str, dict[str, float]]:
-    """diagnostics.json as {scorer: {column: value}}; label columns only on the learned (non-cosine) rows."""
+    """diagnostics.json as {scorer: {column: value}}; label and fit columns only on the learned (non-cosine) rows."""
     label = d["label"]["train"]
     out = {}
     for name, b in d["scorers"].items():
@@ -61,9 +61,11 @@ def flatten_diagnostics(d: dict) -> dict[str, dict[str, float]]:
             "label_auc": label.get("auc_same_class", math.nan) if learned else math.nan,
             "label_per_image": label["additive_share"] if learned else math.nan,
             "label_cosine": label["spearman_with_cosine"] if learned else math.nan,
-            "fit_train": b["fit_train_pairs"],
-            "fit_fresh": b["fit_fresh_pairs"],
-            "fit_pair_part": b["pairs"]["spearman_pair_part"],
+            # cosine's "fit" is the label's correlation with it (the learned row's ρ(target, cosine)); it
+            # would average over different labels here
+            "fit_train": b["fit_train_pairs"] if learned else math.nan,
+            "fit_fresh": b["fit_fresh_pairs"] if learned else math.nan,
+            "fit_pair_part": b["pairs"]["spearman_pair_part"] if learned else math.nan,
             "output_per_image": b["pairs"]["additive_share"],
             "output_auc": b["pairs"].get("auc_same_class", math.nan),
             "map_at_r_train": b.get("train_rows", {}).get("map_at_r", math.nan),

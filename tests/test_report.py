@@ -93,7 +93,7 @@ def test_diagnostics_table_groups_like_the_metrics_table(tmp_path):
     assert learned.startswith("| learned | mlp | 0.7000 ± 0.0000 | 0.6500 ± 0.0000 |")
     assert "| 0.5000 ± 0.1414 |" in learned and "| 0.2000 ± 0.1414 |" in learned
     baseline = next(line for line in md.splitlines() if line.startswith("| baseline | cosine"))
-    assert baseline.startswith("| baseline | cosine | nan | nan | nan |")  # no label columns on baselines
+    assert baseline.startswith("| baseline | cosine | nan | nan | nan | nan | nan | nan | 0.6000 ± 0.0000 |")
     with pytest.raises(FileNotFoundError, match="diagnostics.json"):
         report.report(_empty(tmp_path), tmp_path / "x", diagnostics=True)
 
