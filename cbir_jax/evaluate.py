@@ -143,13 +143,6 @@ def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -
     return scorers.head_scorer(cfg.head, head, params)
 
 
-def selected_params(select: str, run: Path, last_params: Any) -> Any:
-    """The parameters `eval.select` names: `last_params`, or the run's best-on-validation ones if it has them."""
-    if checkpointing.resolve(run, select) == "last":
-        return last_params
-    return checkpointing.restore_params(run, last_params, "best")
-
-
 def verdict(results: dict[str, dict[str, float]], learned: str, metric: str = "map_at_r") -> str:
     """One line when the learned scorer ranks below the best baseline in the table, else ''."""
     if learned not in results:

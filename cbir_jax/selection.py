@@ -125,3 +125,28 @@ def describe(sel: Selection, base: Optional[str] = None) -> str:
         line += (f". Training never beat the starting point on the validation classes, so the head kept is "
                  f"exactly its base metric ({base}).")
     return line
+
+
+def make_keeper(cfg, stage, head, out_dir: Path) -> Optional[BestKeeper]:
+    """A BestKeeper over the split's validation rows (post-processed as a gallery of their own, as evaluation
+    does), or None where the split has none."""
+    from cbir_jax.pipeline import postprocessed
+    from cbir_jax.scorers import head_scorer
+
+    fs, rows = stage.features, stage.split.val
+    if not len(rows):
+        if cfg.train.patience is not None:
+            raise ValueError("train.patience needs validation rows: set data.split.val_fraction > 0")
+        return None
+    validator = Validator(postprocessed(cfg, fs.features[rows], fit_on=fs.features[rows]), fs.labels[rows])
+    return BestKeeper(out_dir, validator, lambda p: head_scorer(cfg.head, head, p))
+
+
+def selected_params(select: str, run: Path, last_params: Any, keeper: Optional[BestKeeper] = None) -> Any:
+    """The parameters `eval.select` names: `last_params`, or the run's best-on-validation ones if it has them
+    (from `keeper`'s host copy when it holds one, else from RUN/best)."""
+    if checkpointing.resolve(run, select) == "last":
+        return last_params
+    if keeper is not None and keeper.best_params is not None:
+        return keeper.best_params
+    return checkpointing.restore_params(run, last_params, "best")

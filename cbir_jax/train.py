@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from cbir_jax import checkpointing, heads, pair_labels, scorers, selection, trainer
 from cbir_jax.cli import run_dir, run_or_exit, to_typed
 from cbir_jax.config import CONFIG_DIR, Config
-from cbir_jax.evaluate import evaluate_stage, selected_params, verdict
+from cbir_jax.evaluate import evaluate_stage, verdict
 from cbir_jax.pipeline import load_stage, postprocessed
 
 log = logging.getLogger(__name__)
@@ -38,20 +38,11 @@ def train(cfg: Config, out_dir: Path) -> dict[str, dict[str, float]]:
         context = pair_labels.PairContext(
             features=train_x, thumbnails=fs.thumbnails[split.train], class_labels=train_labels, cfg=cfg.labels
         )
-        keeper = None
-        if len(split.val):  # validation rows, post-processed as a gallery of their own (as evaluation does)
-            raw_val = fs.features[split.val]
-            validator = selection.Validator(postprocessed(cfg, raw_val, fit_on=raw_val), fs.labels[split.val])
-            keeper = selection.BestKeeper(out_dir, validator, lambda p: scorers.head_scorer(cfg.head, head, p))
-        elif cfg.train.patience is not None:
-            raise ValueError("train.patience needs validation rows: set data.split.val_fraction > 0")
+        keeper = selection.make_keeper(cfg, stage, head, out_dir)
         params = trainer.train_head(cfg, head, train_x, context, out_dir, keeper)
         if keeper is not None:
             print(selection.describe(keeper.selection, heads.base_metric(cfg.head)), flush=True)
-        if cfg.eval.select == "best" and keeper is not None and keeper.best_params is not None:
-            params = keeper.best_params  # the same values as RUN/best, without reading them back
-        else:
-            params = selected_params(cfg.eval.select, out_dir, params)
+        params = selection.selected_params(cfg.eval.select, out_dir, params, keeper)
     checkpointing.write_model_info(
         out_dir,
         {
