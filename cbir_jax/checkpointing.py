@@ -26,11 +26,35 @@ def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def manager(run_dir: str | Path, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+CHECKPOINT_DIRS = {"last": "checkpoints", "best": "best"}  # best: the best-on-validation parameters
+
+
+def manager(
+    run_dir: str | Path, max_to_keep: int = 2, create: bool = True, subdir: str = "checkpoints"
+) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        Path(run_dir).resolve() / "checkpoints",
+        Path(run_dir).resolve() / subdir,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
     )
+
+
+def save_params(mngr: ocp.CheckpointManager, step: int, params: Any) -> None:
+    """Parameters alone (the best-on-validation copy needs no optimizer state)."""
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+
+
+def available(run_dir: str | Path, which: str) -> bool:
+    """Whether the run holds a `which` (last | best) checkpoint."""
+    path = Path(run_dir) / CHECKPOINT_DIRS[which]
+    return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+
+
+def resolve(run_dir: str | Path, select: str) -> str:
+    """The checkpoint `eval.select` means for this run: `best` falls back to `last` where the run had no
+    validation rows (and so no best checkpoint)."""
+    if select not in CHECKPOINT_DIRS:
+        raise CheckpointError(f"eval.select={select!r}: valid are {', '.join(CHECKPOINT_DIRS)}")
+    return "last" if select == "best" and not available(run_dir, "best") else select
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params: Any, train_state: dict[str, Any]) -> None:
@@ -61,12 +85,15 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
-def restore_params(run_dir: str | Path, params_like: Any) -> Any:
-    """The latest parameters of a run, restored exactly onto `params_like`'s structure and shapes."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
+def restore_params(run_dir: str | Path, params_like: Any, which: str = "last") -> Any:
+    """The parameters of a run (`last`: its latest step; `best`: its best-on-validation step), restored
+    exactly onto `params_like`'s structure and shapes."""
+    if which not in CHECKPOINT_DIRS:
+        raise CheckpointError(f"eval.select={which!r}: valid are {', '.join(CHECKPOINT_DIRS)}")
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIRS[which]
     if not ckpt_dir.is_dir():
-        raise CheckpointError(f"checkpoint={run_dir}: no checkpoints folder")
-    mngr = manager(run_dir, create=False)
+        raise CheckpointError(f"checkpoint={run_dir}: no {CHECKPOINT_DIRS[which]} folder")
+    mngr = manager(run_dir, create=False, subdir=CHECKPOINT_DIRS[which])
     try:
         if mngr.latest_step() is None:
             raise CheckpointError(f"checkpoint={run_dir}: the checkpoints folder is empty")

@@ -74,6 +74,8 @@ class LabelsConfig:
     hash_size: int = 8
     # Targets of ratio heuristics are heavy-tailed; `rank` maps them to [0, 1] by their quantile.
     transform: str = "rank"  # rank | minmax | none
+    # Apply the transform within each anchor's candidates (pairs.per_anchor > 0): ranking is per query.
+    per_query: bool = False
     eps: float = 1e-3
     # labels=rerank: the non-learned re-ranker whose similarities on the training rows are the targets.
     reranker: str = "dba_alpha_qe"
@@ -84,6 +86,9 @@ class PairsConfig:
     pairs_per_epoch: int = 20000
     hard_fraction: float = 0.5  # share of difficult pairs: feature-space neighbours
     hard_k: int = 20  # neighbours a difficult pair is drawn from
+    # > 0: pairs come in groups of one anchor and `per_anchor` candidates (needed by labels.per_query and
+    # loss=listwise); 0: independent pairs (the seed).
+    per_anchor: int = 0
 
 
 @dataclasses.dataclass
@@ -118,12 +123,22 @@ class HeadConfig:
     rank: int = 128  # cosine_residual: rank of the learned correction x + B(A x)
     rerank: str = "none"  # cosine_residual: none | alpha_qe | dba_alpha_qe | diffusion on the learned embedding
     reranker: LearnedRerankConfig = dataclasses.field(default_factory=LearnedRerankConfig)
+    # mlp / simnet: a fixed metric `base` plus a zero-initialised learned correction (starts *at* the metric).
+    # false: the seed's architecture.
+    residual: bool = False
+    base: str = "cosine"
+    # mlp: all weights >= 0, output negated, so a larger (q - g)^2 never raises the score (relu or tanh).
+    monotone: bool = False
+    # CSLS hubness correction: subtract each gallery item's mean similarity to its csls_k nearest gallery
+    # neighbours (0: off). Applies to whatever the head scores (cbir_jax/hubness.py).
+    csls_k: int = 0
 
 
 @dataclasses.dataclass
 class LossConfig:
-    name: str = "mse"  # mse | contrastive | ranking
+    name: str = "mse"  # mse | contrastive | ranking | listwise
     margin: float = 0.5
+    temperature: float = 0.1  # listwise: softmax temperature of targets and scores
 
 
 @dataclasses.dataclass
@@ -141,6 +156,10 @@ class TrainConfig:
     max_to_keep: int = 2
     resume: bool = False
     evaluate: bool = True  # evaluate on the held-out split when training ends
+    # Early stopping: stop after this many validations (one per epoch) without a new best; null: never.
+    # Needs validation rows (data.split.val_fraction > 0).
+    patience: Optional[int] = None
+    diagnose: bool = False  # write diagnostics.json + diagnostics.png (cbir_jax/diagnose.py) after training
 
 
 @dataclasses.dataclass
@@ -156,6 +175,9 @@ class EvalConfig:
         default_factory=lambda: ["euclid", "cosine", "ssim", "ssim_ratio"]
     )
     figure: bool = True
+    # Which checkpoint of a trained run is evaluated: best (best validation MAP@R; the last one where the
+    # run had no validation rows) | last.
+    select: str = "best"
     # Re-rankers shown once more at parameters grid-searched on the validation rows (data.split.val_fraction;
     # cbir_jax/tuning.py), e.g. [dba_alpha_qe, diffusion]: the fair baseline for a learned scorer.
     tuned_baselines: list[str] = dataclasses.field(default_factory=list)

@@ -132,24 +132,51 @@ def load_trained(run: Path, cfg_now: DictConfig, overridden: frozenset[str] = fr
     return validate(OmegaConf.to_object(saved)), info
 
 
-def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -> scorers.Scorer:
-    """The run's head with its restored parameters; checks the features match what it was trained on."""
+def restored_head(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -> tuple[Any, Any]:
+    """The run's head and its restored parameters (the `eval.select` checkpoint); checks the features match
+    what it was trained on."""
     if info["backbone_fingerprint"] != stage.backbone.fingerprint:
         raise checkpointing.CheckpointError(
             f"checkpoint={run} was trained on {info['backbone']} features "
             f"(size {info['backbone_feature_dim']}), not on {stage.backbone.name} (size {stage.backbone.feature_dim})"
         )
-    if cfg.head.name == "learned_rerank":
-        from cbir_jax import rerank_training
-
-        return rerank_training.restore_scorer(cfg, run, info, cfg.head.name)
     head = heads.build_head(cfg.head)
     dim = int(info["feature_dim"])
     params = {}
     if heads.is_learned(cfg.head.name):
         like = heads.init_params(head, dim, jax.random.key(0))
-        params = checkpointing.restore_params(run, like)
-    return scorers.pair_scorer(cfg.head.name, head, params)
+        which = checkpointing.resolve(run, cfg.eval.select)
+        if which != cfg.eval.select:
+            log.info("checkpoint=%s has no validation (best) checkpoint; evaluating its last one", run)
+        params = checkpointing.restore_params(run, like, which)
+    return head, params
+
+
+def trained_scorer(cfg: Config, run: Path, info: dict[str, Any], stage: Stage) -> scorers.Scorer:
+    """The run's head with its restored parameters, as evaluation scores it."""
+    if cfg.head.name == "learned_rerank":  # not a pair head: its own model and checkpoint layout
+        from cbir_jax import rerank_training
+
+        return rerank_training.restore_scorer(cfg, run, info, cfg.head.name)
+    head, params = restored_head(cfg, run, info, stage)
+    return scorers.head_scorer(cfg.head, head, params)
+
+
+def verdict(results: dict[str, dict[str, float]], learned: str, metric: str = "map_at_r") -> str:
+    """One line when the learned scorer ranks below the best baseline in the table, else ''."""
+    if learned not in results:
+        return ""
+    others = {k: v[metric] for k, v in results.items() if k != learned}
+    if not others:
+        return ""
+    best = max(others, key=others.get)
+    ours = results[learned][metric]
+    if ours >= others[best]:
+        return ""
+    return (
+        f"note: the learned head ({learned}) is below {best} on {metric}: {ours:.4f} vs {others[best]:.4f}. "
+        "See `python -m cbir_jax.diagnose` and experiments/README.md (why learned heads fail)."
+    )
 
 
 def overridden_keys() -> frozenset[str]:

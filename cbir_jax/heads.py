@@ -20,29 +20,107 @@ ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu, "tanh": jnp.ta
 EPS = 1e-6
 
 
+def nonnegative_kernel(kernel: jax.Array) -> jax.Array:
+    """The weights a monotone layer uses: max(kernel, 0). At a kernel of exactly 0 the gradient is 1/2 (JAX
+    splits ties), so a zero-initialised monotone layer can still learn, and a weight pushed below 0 stays 0."""
+    return jnp.maximum(kernel, 0.0)
+
+
+def _nonnegative_lecun(key, shape, dtype=jnp.float32):
+    return jnp.abs(nn.initializers.lecun_normal()(key, shape, dtype))
+
+
+class SignedDense(nn.Module):
+    """Dense with weights `sign * max(kernel, 0)`: non-decreasing (+1) or non-increasing (-1) in each input."""
+
+    features: int
+    sign: float = 1.0
+    kernel_init: Callable = _nonnegative_lecun
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return x @ (self.sign * nonnegative_kernel(kernel)) + bias
+
+
+MONOTONE_ACTIVATIONS = ("relu", "tanh")
+
+
 class MLP(nn.Module):
-    """Hidden layers then one output unit; the trunk shared by the learned heads."""
+    """Hidden layers then one output unit; the trunk shared by the learned heads.
+
+    `constant_start`: the MLP starts at zero, so a residual head starts exactly at its base metric — the
+    output layer starts at zero; or, when `monotone`, the first layer does (with a small positive bias so
+    its units pass gradients; a zero monotone output layer would be stuck, max(v, 0) has no gradient below
+    0) and the output is measured from that of a zero input.
+    `monotone`: every layer is a `SignedDense`, the output one with sign -1, so the output never rises when
+    an input rises (with a monotone activation). Layers are named Dense_0, Dense_1, ... either way, so the
+    GEMM forms read them alike (`effective_layers`).
+    """
 
     hidden: Sequence[int]
     activation: str = "relu"
+    constant_start: bool = False
+    monotone: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
-        for width in self.hidden:
-            x = act(nn.Dense(width)(x))
-        return nn.Dense(1)(x)[..., 0]
+        zeros = {"kernel_init": nn.initializers.zeros}
+        layers = []
+        for i, width in enumerate(self.hidden):
+            if self.monotone:
+                start = {**zeros, "bias_init": nn.initializers.constant(0.1)} if self.constant_start and i == 0 else {}
+                layers.append(SignedDense(width, name=f"Dense_{i}", **start))
+            else:
+                layers.append(nn.Dense(width, name=f"Dense_{i}"))
+        name = f"Dense_{len(self.hidden)}"
+        if self.monotone:
+            layers.append(SignedDense(1, sign=-1.0, name=name))
+        else:
+            layers.append(nn.Dense(1, name=name, **(zeros if self.constant_start else {})))
+
+        def apply(h):
+            for layer in layers[:-1]:
+                h = act(layer(h))
+            return layers[-1](h)[..., 0]
+
+        if self.monotone and self.constant_start:
+            # Measured from a zero input: exactly 0 at the start, and <= 0 always (monotone), so the
+            # residual's own bias, not the correction, carries any offset of the target.
+            return apply(x) - apply(jnp.zeros(x.shape[-1:], x.dtype))
+        return apply(x)
+
+
+def effective_layers(mlp_params, monotone: bool) -> list[tuple[jax.Array, jax.Array]]:
+    """The (weights, bias) each Dense layer of an `MLP` actually applies, in order: what a GEMM form needs."""
+    names = sorted(mlp_params, key=lambda s: int(s.rsplit("_", 1)[1]))
+    layers = [(mlp_params[n]["kernel"], mlp_params[n]["bias"]) for n in names]
+    if not monotone:
+        return layers
+    signs = [1.0] * (len(layers) - 1) + [-1.0]
+    return [(sign * nonnegative_kernel(w), b) for sign, (w, b) in zip(signs, layers)]
 
 
 class SquaredDifferenceMLP(nn.Module):
-    """The seed's head: an MLP on (q - g)**2, symmetric in its two inputs by construction."""
+    """The seed's head: an MLP on (q - g)**2, symmetric in its two inputs by construction.
+
+    Its first layer is sum_k W_k (q_k - g_k)^2 = sum_k W_k q_k^2 + sum_k W_k g_k^2 - 2 sum_k W_k q_k g_k: a
+    per-image term can only be learned together with a pair term of the *opposite* sign. `monotone=True`
+    (all weights >= 0, output negated) keeps that pair term a similarity: a larger difference in any
+    coordinate never raises the score.
+    """
 
     hidden: Sequence[int]
     activation: str = "relu"
+    constant_start: bool = False
+    monotone: bool = False
 
     @nn.compact
     def __call__(self, q: jax.Array, g: jax.Array) -> jax.Array:
-        return MLP(self.hidden, self.activation, name="mlp")((q - g) ** 2)
+        return MLP(self.hidden, self.activation, self.constant_start, self.monotone, name="mlp")((q - g) ** 2)
 
 
 class ConcatMLP(nn.Module):
@@ -50,11 +128,12 @@ class ConcatMLP(nn.Module):
 
     hidden: Sequence[int]
     activation: str = "relu"
+    constant_start: bool = False
 
     @nn.compact
     def __call__(self, q: jax.Array, g: jax.Array) -> jax.Array:
         q, g = jnp.broadcast_arrays(q, g)
-        return MLP(self.hidden, self.activation, name="mlp")(jnp.concatenate([q, g], axis=-1))
+        return MLP(self.hidden, self.activation, self.constant_start, name="mlp")(jnp.concatenate([q, g], axis=-1))
 
 
 def euclidean_distance(q: jax.Array, g: jax.Array) -> jax.Array:
@@ -104,14 +183,50 @@ FIXED_METRICS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 }
 
 
+class Residual(nn.Module):
+    """A fixed metric plus a learned correction: exp(log_scale) * base(q, g) + bias + correction(q, g).
+
+    The correction starts at zero and the scale at 1, so before training the head ranks exactly like `base`; with best-on-validation selection (cbir_jax/selection.py) it then cannot end below
+    it on the validation classes. The scale and bias let a regression loss match the target's range
+    without spending the correction on it.
+    """
+
+    base: str
+    correction: nn.Module
+
+    @nn.compact
+    def __call__(self, q: jax.Array, g: jax.Array) -> jax.Array:
+        log_scale = self.param("log_scale", nn.initializers.zeros, ())
+        bias = self.param("bias", nn.initializers.zeros, ())
+        return jnp.exp(log_scale) * FIXED_METRICS[self.base](q, g) + bias + self.correction(q, g)
+
+
+def _maybe_residual(cfg, correction_cls, **kwargs) -> nn.Module:
+    residual = getattr(cfg, "residual", False)
+    inner = correction_cls(hidden=tuple(cfg.hidden), activation=cfg.activation, constant_start=residual, **kwargs)
+    if not residual:
+        return inner
+    base = getattr(cfg, "base", "cosine")
+    if base not in FIXED_METRICS:
+        raise ValueError(f"head.base={base!r}: valid are {', '.join(sorted(FIXED_METRICS))}")
+    return Residual(base=base, correction=inner)
+
+
 @HEADS.register("mlp")
 def _mlp(cfg) -> nn.Module:
-    return SquaredDifferenceMLP(hidden=tuple(cfg.hidden), activation=cfg.activation)
+    monotone = getattr(cfg, "monotone", False)
+    if monotone and cfg.activation not in MONOTONE_ACTIVATIONS:
+        raise ValueError(
+            f"head.monotone=true needs a monotone activation ({', '.join(MONOTONE_ACTIVATIONS)}), not {cfg.activation!r}"
+        )
+    return _maybe_residual(cfg, SquaredDifferenceMLP, monotone=monotone)
 
 
 @HEADS.register("simnet")
 def _simnet(cfg) -> nn.Module:
-    return ConcatMLP(hidden=tuple(cfg.hidden), activation=cfg.activation)
+    if getattr(cfg, "monotone", False):
+        raise ValueError("head.monotone=true applies to head=mlp (an MLP on (q - g)^2), not to simnet")
+    return _maybe_residual(cfg, ConcatMLP)
 
 
 def _register_fixed(name: str) -> None:
@@ -125,6 +240,13 @@ for _name in FIXED_METRICS:
 def build_head(cfg) -> nn.Module:
     """Builds the head named by `cfg.name` (a HeadConfig)."""
     return HEADS.get(cfg.name)(cfg)
+
+
+def base_metric(cfg) -> str | None:
+    """The fixed metric a learned head equals at initialisation (a residual head's base), or None."""
+    if cfg.name == "cosine_residual":
+        return "cosine"
+    return getattr(cfg, "base", "cosine") if getattr(cfg, "residual", False) and cfg.name in ("mlp", "simnet") else None
 
 
 def is_learned(name: str) -> bool:

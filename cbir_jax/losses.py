@@ -36,6 +36,18 @@ def ranking(pred: jax.Array, target: jax.Array, cfg) -> jax.Array:
     return jnp.sum(weight * jax.nn.softplus(-jnp.sign(dt) * dp / max(cfg.margin, 1e-3))) / (jnp.sum(weight) + 1e-8)
 
 
+@LOSSES.register("listwise")
+def listwise(pred: jax.Array, target: jax.Array, cfg) -> jax.Array:
+    """ListNet (Cao et al. 2007): cross-entropy between softmax(target / T) and softmax(pred / T) over each
+    query's candidates (the last axis; pairs.per_anchor > 0). Only each query's own order matters, so a
+    per-image offset of the query cancels, and the top of the list weighs most."""
+    if pred.ndim < 2:
+        raise ValueError("loss=listwise needs pairs grouped by anchor: set pairs.per_anchor > 0")
+    t = max(cfg.temperature, 1e-6)
+    p_target = jax.nn.softmax(target / t, axis=-1)
+    return -jnp.mean(jnp.sum(p_target * jax.nn.log_softmax(pred / t, axis=-1), axis=-1))
+
+
 def get_loss(cfg) -> Callable[[jax.Array, jax.Array], jax.Array]:
     fn = LOSSES.get(cfg.name)
     return lambda pred, target: fn(pred, target, cfg)

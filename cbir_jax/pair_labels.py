@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 from cbir_jax import heuristics
 from cbir_jax.data import DataError
@@ -97,14 +98,18 @@ def class_label(ctx, i, j):
 TRANSFORMS = ("rank", "minmax", "none")
 
 
-def transform_targets(name: str, t: np.ndarray) -> np.ndarray:
-    """Monotone map of raw targets into a range a regression head can fit."""
+def transform_targets(name: str, t: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Monotone map of raw targets into a range a regression head can fit; over all targets (`axis=None`)
+    or separately along `axis` (per query: each anchor's candidates ranked among themselves)."""
     t = np.asarray(t, np.float64)
     if name == "none":
         return t.astype(np.float32)
+    if axis is not None:
+        return np.apply_along_axis(lambda row: transform_targets(name, row), axis, t)
     if name == "rank":
-        order = np.argsort(np.argsort(t, kind="stable"), kind="stable")
-        return (order / max(len(t) - 1, 1)).astype(np.float32)
+        # Average ranks for ties: tied raw targets (e.g. 0/1 labels) must get one target, not an arbitrary order.
+        ranks = scipy.stats.rankdata(t.ravel()).reshape(t.shape) - 1.0
+        return (ranks / max(t.size - 1, 1)).astype(np.float32)
     if name == "minmax":
         lo, hi = t.min(), t.max()
         return ((t - lo) / (hi - lo) if hi > lo else np.zeros_like(t)).astype(np.float32)
@@ -112,8 +117,13 @@ def transform_targets(name: str, t: np.ndarray) -> np.ndarray:
 
 
 def pair_targets(ctx: PairContext, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    raw = PAIR_LABELS.get(ctx.cfg.name)(ctx, i, j)
-    return transform_targets(ctx.cfg.transform, raw)
+    """Targets of pairs (i, j), any shape. With `labels.per_query` (pairs grouped by anchor, shape (A, M)),
+    the transform runs within each anchor's candidates, so only their order for that anchor counts."""
+    raw = np.asarray(PAIR_LABELS.get(ctx.cfg.name)(ctx, i.ravel(), j.ravel())).reshape(i.shape)
+    per_query = getattr(ctx.cfg, "per_query", False)
+    if per_query and i.ndim != 2:
+        raise ValueError("labels.per_query=true needs pairs grouped by anchor: set pairs.per_anchor > 0")
+    return transform_targets(ctx.cfg.transform, raw, axis=-1 if per_query else None)
 
 
 # --- Self-supervised pseudo-labels from the neighbourhood structure (labels=rerank) -------------------

@@ -31,46 +31,90 @@ COLUMNS = OrderedDict(
         ("map", "mAP"),
     ]
 )
+# `--diagnostics`: one row per scorer from each job's diagnostics.json (cbir_jax/diagnose.py).
+DIAGNOSTIC_COLUMNS = OrderedDict(
+    [
+        ("label_auc", "target AUC"),
+        ("label_per_image", "target per-image share"),
+        ("label_cosine", "ρ(target, cosine)"),
+        ("fit_train", "fit ρ train pairs"),
+        ("fit_fresh", "fit ρ fresh pairs"),
+        ("fit_pair_part", "fit ρ pair part"),
+        ("output_per_image", "output per-image share"),
+        ("output_auc", "output AUC"),
+        ("map_at_r_train", "MAP@R train rows"),
+        ("map_at_r_held_out", "MAP@R held-out rows"),
+        ("n10_skewness", "N10 skew"),
+        ("n10_top1pct_share", "top-1% share"),
+    ]
+)
 _UNGROUPED = ("seed", "experiment")
+
+
+def flatten_diagnostics(d: dict) -> dict[str, dict[str, float]]:
+    """diagnostics.json as {scorer: {column: value}}; label and fit columns only on the learned (non-cosine) rows."""
+    label = d["label"]["train"]
+    out = {}
+    for name, b in d["scorers"].items():
+        learned = name != "cosine"
+        out[name] = {
+            "label_auc": label.get("auc_same_class", math.nan) if learned else math.nan,
+            "label_per_image": label["additive_share"] if learned else math.nan,
+            "label_cosine": label["spearman_with_cosine"] if learned else math.nan,
+            # cosine's "fit" is the label's correlation with it (the learned row's ρ(target, cosine)); it
+            # would average over different labels here
+            "fit_train": b["fit_train_pairs"] if learned else math.nan,
+            "fit_fresh": b["fit_fresh_pairs"] if learned else math.nan,
+            "fit_pair_part": b["pairs"]["spearman_pair_part"] if learned else math.nan,
+            "output_per_image": b["pairs"]["additive_share"],
+            "output_auc": b["pairs"].get("auc_same_class", math.nan),
+            "map_at_r_train": b.get("train_rows", {}).get("map_at_r", math.nan),
+            "map_at_r_held_out": b.get("held_out_rows", {}).get("map_at_r", math.nan),
+            "n10_skewness": b.get("held_out_rows", {}).get("n10_skewness", math.nan),
+            "n10_top1pct_share": b.get("held_out_rows", {}).get("n10_top1pct_share", math.nan),
+            "queries": d["rows"]["held_out"],
+        }
+    return out
 
 
 def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def load_jobs(multirun: Path) -> tuple[list[dict], list[Path]]:
-    """Every job folder under `multirun` with its overrides, head name and metrics; and the ones without
-    metrics.json (failed or unfinished jobs)."""
+def load_jobs(multirun: Path, diagnostics: bool = False) -> tuple[list[dict], list[Path]]:
+    """Every job folder under `multirun` with its overrides, head name and metrics (or, with `diagnostics`,
+    its flattened diagnostics.json); and the ones without that file (failed or unfinished jobs)."""
     jobs, missing = [], []
     for overrides_file in sorted(multirun.glob("**/.hydra/overrides.yaml")):
         job = overrides_file.parent.parent
         overrides = yaml.safe_load(overrides_file.read_text()) or []
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}
-        metrics_file = job / "metrics.json"
+        metrics_file = job / ("diagnostics.json" if diagnostics else "metrics.json")
         if not metrics_file.exists():
             missing.append(job)
             continue
+        metrics = json.loads(metrics_file.read_text())
         jobs.append(
             {
                 "dir": job,
                 "overrides": [o for o in overrides if _key(o) not in _UNGROUPED],
                 "head": (config.get("head") or {}).get("name"),
                 "checkpoint": config.get("checkpoint"),
-                "metrics": json.loads(metrics_file.read_text()),
+                "metrics": flatten_diagnostics(metrics) if diagnostics else metrics,
             }
         )
     return jobs, missing
 
 
-def _summary(values: list[dict]) -> dict:
+def _summary(values: list[dict], columns=COLUMNS) -> dict:
     out = {"n": len(values), "queries": sorted({int(v.get("queries", 0)) for v in values})}
-    for metric in COLUMNS:
+    for metric in columns:
         x = np.array([v.get(metric, math.nan) for v in values], np.float64)
         out[metric] = (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else math.nan)
     return out
 
 
-def summarise(jobs: list[dict]) -> tuple[list[str], list[tuple[str, str, dict]]]:
+def summarise(jobs: list[dict], columns=COLUMNS) -> tuple[list[str], list[tuple[str, str, dict]]]:
     """(overrides common to all jobs, rows as (kind, label, summary)) with baselines first."""
     if not jobs:
         return [], []
@@ -86,9 +130,10 @@ def summarise(jobs: list[dict]) -> tuple[list[str], list[tuple[str, str, dict]]]
                 learned.setdefault(label, []).append(metrics)
             else:
                 baselines.setdefault(scorer, []).append(metrics)
-    rows = [("baseline", name, _summary(v)) for name, v in baselines.items()]
-    learned_rows = [("learned", label, _summary(v)) for label, v in learned.items()]
-    learned_rows.sort(key=lambda r: -np.nan_to_num(r[2]["map_at_r"][0], nan=-1.0))
+    rows = [("baseline", name, _summary(v, columns)) for name, v in baselines.items()]
+    learned_rows = [("learned", label, _summary(v, columns)) for label, v in learned.items()]
+    key = "map_at_r" if "map_at_r" in columns else "map_at_r_held_out"
+    learned_rows.sort(key=lambda r: -np.nan_to_num(r[2][key][0], nan=-1.0))
     return common, rows + learned_rows
 
 
@@ -104,11 +149,11 @@ def _cell(mean: float, std: float) -> str:
     return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
 
 
-def to_markdown(title: str, rows: list[tuple[str, str, dict]], missing: list[Path] = ()) -> str:
-    header = "| kind | scorer / overrides | " + " | ".join(COLUMNS.values()) + " | n | queries |"
-    lines = [f"**{title}**", "", header, "|" + "---|" * (len(COLUMNS) + 4)]
+def to_markdown(title: str, rows: list[tuple[str, str, dict]], missing: list[Path] = (), columns=COLUMNS) -> str:
+    header = "| kind | scorer / overrides | " + " | ".join(columns.values()) + " | n | queries |"
+    lines = [f"**{title}**", "", header, "|" + "---|" * (len(columns) + 4)]
     for kind, label, s in rows:
-        cells = [_cell(*s[m]) for m in COLUMNS]
+        cells = [_cell(*s[m]) for m in columns]
         queries = "/".join(str(q) for q in s["queries"])
         lines.append(f"| {kind} | {label} | " + " | ".join(cells) + f" | {s['n']} | {queries} |")
     lines += ["", "Mean ± sample std over the n jobs (seeds) of each row; baselines are evaluated in every job."]
@@ -117,12 +162,12 @@ def to_markdown(title: str, rows: list[tuple[str, str, dict]], missing: list[Pat
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[tuple[str, str, dict]]) -> None:
+def write_csv(path: Path, rows: list[tuple[str, str, dict]], columns=COLUMNS) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["kind", "scorer", *(c for m in COLUMNS for c in (m, f"{m}_std")), "n", "queries"])
+        w.writerow(["kind", "scorer", *(c for m in columns for c in (m, f"{m}_std")), "n", "queries"])
         for kind, label, s in rows:
-            values = [f"{v:.6f}" for m in COLUMNS for v in s[m]]
+            values = [f"{v:.6f}" for m in columns for v in s[m]]
             w.writerow([kind, label, *values, s["n"], "/".join(str(q) for q in s["queries"])])
 
 
@@ -157,18 +202,20 @@ def paired_rows(jobs: list[dict], versus: str) -> list[str]:
     return lines
 
 
-def report(multirun: Path, out: Path | None = None, versus: str | None = None) -> str:
-    """Writes OUT.md and OUT.csv for a multirun folder; returns the markdown. With `versus`, adds the
-    paired comparison of every learned row with that baseline (`paired_rows`)."""
+def report(multirun: Path, out: Path | None = None, diagnostics: bool = False, versus: str | None = None) -> str:
+    """Writes OUT.md and OUT.csv for a multirun folder (its metrics, or its diagnostics); returns the
+    markdown. With `versus`, adds the paired comparison of every learned row with that baseline."""
     multirun = Path(multirun)
     if not multirun.is_dir():
         raise FileNotFoundError(f"{multirun}: no such multirun folder")
-    jobs, missing = load_jobs(multirun)
+    jobs, missing = load_jobs(multirun, diagnostics)
     if not jobs:
-        raise FileNotFoundError(f"{multirun}: no job folder with .hydra/overrides.yaml and metrics.json")
-    common, rows = summarise(jobs)
+        wanted = "diagnostics.json (train.diagnose=true)" if diagnostics else "metrics.json"
+        raise FileNotFoundError(f"{multirun}: no job folder with .hydra/overrides.yaml and {wanted}")
+    columns = DIAGNOSTIC_COLUMNS if diagnostics else COLUMNS
+    common, rows = summarise(jobs, columns)
     title = f"{multirun.name}: {len(jobs)} jobs" + (f" · {' '.join(common)}" if common else "")
-    markdown = to_markdown(title, rows, missing)
+    markdown = to_markdown(title, rows, missing, columns)
     if versus:
         markdown += "\n\n" + "\n".join(paired_rows(jobs, versus))
     out = Path(out) if out else multirun.parent / f"{multirun.name}_report"
@@ -176,7 +223,7 @@ def report(multirun: Path, out: Path | None = None, versus: str | None = None) -
         out = out.with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown + "\n")
-    write_csv(out.with_suffix(".csv"), rows)
+    write_csv(out.with_suffix(".csv"), rows, columns)
     return markdown
 
 
@@ -184,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cbir_jax.report", description=__doc__.splitlines()[0])
     parser.add_argument("multirun", type=Path, help="a Hydra multirun folder (outputs/multirun/DATE/TIME)")
     parser.add_argument("--out", type=Path, default=None, help="output path stem; writes STEM.md and STEM.csv")
+    parser.add_argument("--diagnostics", action="store_true", help="tabulate diagnostics.json instead of metrics.json")
     parser.add_argument("--versus", default=None,
                         help="baseline name (prefix, e.g. 'dba_alpha_qe[val') for paired bootstrap intervals")
     args = parser.parse_args(argv)
     try:
-        print(report(args.multirun, args.out, args.versus))
+        print(report(args.multirun, args.out, args.diagnostics, args.versus))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

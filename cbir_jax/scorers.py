@@ -96,11 +96,9 @@ def _euclid_form(head, params):
 # ---- learned MLP heads as GEMMs --------------------------------------------------------------------------
 
 
-def mlp_layers(params) -> list[tuple[jax.Array, jax.Array]]:
-    """The (kernel, bias) of each Dense layer of a head's `mlp` trunk, in order (Dense_0, Dense_1, ...)."""
-    mlp = params["mlp"]
-    names = sorted(mlp, key=lambda s: int(s.rsplit("_", 1)[1]))
-    return [(mlp[n]["kernel"], mlp[n]["bias"]) for n in names]
+def mlp_layers(params, monotone: bool = False) -> list[tuple[jax.Array, jax.Array]]:
+    """The (weights, bias) each Dense layer of a head's `mlp` trunk applies, in order (Dense_0, Dense_1, ...)."""
+    return heads_lib.effective_layers(params["mlp"], monotone)
 
 
 def _tail(h: jax.Array, layers, act) -> jax.Array:
@@ -135,10 +133,12 @@ def _squared_difference_form(head, params):
     centred on the gallery mean first ((q - g) is unchanged), which keeps the cancellation in the
     expansion small when q is close to g.
     """
-    layers = mlp_layers(params)
+    layers = mlp_layers(params, head.monotone)
     (w1, b1), rest = layers[0], layers[1:]
     act = heads_lib.ACTIVATIONS[head.activation]
     h1 = w1.shape[1]
+    # a monotone residual correction is measured from its value at a zero difference (heads.MLP)
+    offset = _tail(act(b1), rest, act) if head.monotone and head.constant_start else 0.0
 
     def prepare(gallery):
         center = jnp.mean(gallery.astype(jnp.float32), axis=0)
@@ -157,7 +157,7 @@ def _squared_difference_form(head, params):
             q_term = (qs * qs) @ w + b  # (qb, H)
             wq = (-2.0 * qs[:, :, None] * w[None]).transpose(1, 0, 2).reshape(w.shape[0], qb * h1)
             pre = (g @ wq).reshape(n, qb, h1) + rows["g2w"][:, None, :] + q_term[None]
-            return _tail(act(pre), tail, act).T
+            return _tail(act(pre), tail, act).T - offset
 
         return _by_query_blocks(queries, h1, block)
 
@@ -186,6 +186,26 @@ def _concat_form(head, params):
             return _tail(act(pre), tail, act)
 
         return _by_query_blocks(queries, h1, block)
+
+    return prepare, score
+
+
+@FAST_FORMS.register("Residual")
+def _residual_form(head, params):
+    """exp(log_scale) * base + bias + correction, each part in its own (fast if registered) form; the
+    gallery state of both parts is kept side by side, so the sum stays chunkable."""
+    base = pair_scorer("base", heads_lib.FixedMetric(heads_lib.FIXED_METRICS[head.base]), {})
+    correction = pair_scorer("correction", head.correction.clone(parent=None), params["correction"])
+
+    def prepare(gallery):
+        (b_rows, b_shared), (c_rows, c_shared) = base.prepare(gallery), correction.prepare(gallery)
+        shared = {"base": b_shared, "correction": c_shared, "scale": jnp.exp(params["log_scale"]), "bias": params["bias"]}
+        return {"base": b_rows, "correction": c_rows}, shared
+
+    def score(rows, shared, queries, self_index):
+        s_base = base.score(rows["base"], shared["base"], queries, self_index)
+        s_corr = correction.score(rows["correction"], shared["correction"], queries, self_index)
+        return shared["scale"] * s_base + shared["bias"] + s_corr
 
     return prepare, score
 
@@ -229,3 +249,71 @@ def with_storage(scorer: Scorer, dtype) -> Scorer:
         return scorer.score(rows, shared, queries, self_index)
 
     return Scorer(name=f"{scorer.name}[{dtype.name}]", prepare=prepare, score=score, chunkable=scorer.chunkable)
+
+
+# ---- hubness correction ------------------------------------------------------------------------------------
+
+
+def _neighbour_similarities(scorer: Scorer, state: GalleryState, gallery: jax.Array, k: int, chunk: int = 256):
+    """(N, k+1) similarities of each gallery item to its k+1 nearest other gallery items, and their ids."""
+    rows, shared = state
+    n = gallery.shape[0]
+    kk = min(k + 1, n - 1)
+
+    @jax.jit
+    def block(q, start):
+        self_index = start + jnp.arange(q.shape[0], dtype=jnp.int32)
+        s = scorer.score(rows, shared, q, self_index).astype(jnp.float32)
+        s = jnp.where(jnp.arange(n)[None, :] == self_index[:, None], -jnp.inf, s)
+        return jax.lax.top_k(s, kk)
+
+    sims, ids = [], []
+    for start in range(0, n, chunk):
+        q = gallery[start : start + chunk]
+        pad = chunk - q.shape[0]
+        s, i = block(jnp.pad(q, ((0, pad), (0, 0))), jnp.int32(start))
+        sims.append(s[: chunk - pad])
+        ids.append(i[: chunk - pad])
+    return jnp.concatenate(sims), jnp.concatenate(ids)
+
+
+def with_csls(scorer: Scorer, k: int) -> Scorer:
+    """CSLS hubness correction (Lample et al. 2018, "Word translation without parallel data"):
+    score(q, g) - r(g), r(g) the mean similarity of g to its k nearest gallery neighbours under the same
+    scorer. CSLS also subtracts the query's own r(q), a constant per query that does not change its ranking,
+    so it is left out. An item that is close to everything (a hub) loses exactly that advantage.
+
+    Leave-one-out: when the query is itself gallery item `self_index`, it is removed from every r(g) that
+    counted it (the next neighbour takes its place), so no query sees its own entry. `prepare` scores the
+    gallery against itself: O(N^2) once per gallery.
+    """
+    if not scorer.chunkable:
+        raise ValueError(f"head.csls_k: {scorer.name} needs the whole gallery at once; CSLS wraps chunkable scorers")
+
+    def prepare(gallery):
+        state = scorer.prepare(gallery)
+        sims, ids = _neighbour_similarities(scorer, state, jnp.asarray(gallery, jnp.float32), k)
+        rows, shared = state
+        pos = jnp.arange(gallery.shape[0], dtype=jnp.int32)
+        return {"inner": rows, "nbr_s": sims, "nbr_i": ids, "pos": pos}, shared
+
+    def score(rows, shared, queries, self_index):
+        s = scorer.score(rows["inner"], shared, queries, self_index)
+        kk = min(k, rows["nbr_s"].shape[1])
+        # self_index is relative to this chunk of rows; the neighbour ids are gallery positions.
+        query_id = jnp.where(self_index >= -rows["pos"][0], self_index + rows["pos"][0], -1)
+        nbr_s, nbr_i = rows["nbr_s"], rows["nbr_i"]
+        hit = nbr_i[None, :, :kk] == query_id[:, None, None]  # (B, n, k): the query is among g's k neighbours
+        top = jnp.sum(nbr_s[:, :kk], axis=-1)[None, :]
+        spare = nbr_s[:, kk][None, :] if nbr_s.shape[1] > kk else jnp.zeros_like(top)
+        r = (top - jnp.sum(jnp.where(hit, nbr_s[None, :, :kk], 0.0), axis=-1) + jnp.any(hit, -1) * spare) / kk
+        return s - r
+
+    return Scorer(name=scorer.name, prepare=prepare, score=score, chunkable=True)
+
+
+def head_scorer(head_cfg, head: nn.Module, params, *, fast: bool = True) -> Scorer:
+    """The scorer a trained head is evaluated with: its pair scorer, hubness-corrected if `head.csls_k`."""
+    scorer = pair_scorer(head_cfg.name, head, params, fast=fast)
+    k = getattr(head_cfg, "csls_k", 0) or 0
+    return with_csls(scorer, k) if k > 0 else scorer

@@ -14,17 +14,17 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from cbir_jax import checkpointing, heads, learned_rerank, pair_labels, rerank_training, scorers, trainer, tuning
+from cbir_jax import checkpointing, heads, learned_rerank, pair_labels, rerank_training, scorers, selection, trainer, tuning
 from cbir_jax.cli import run_dir, run_or_exit, to_typed
 from cbir_jax.config import CONFIG_DIR, Config
 from cbir_jax.data import DataError
-from cbir_jax.evaluate import evaluate_stage
+from cbir_jax.evaluate import evaluate_stage, verdict
 from cbir_jax.pipeline import Stage, load_stage, postprocessed
 
 log = logging.getLogger(__name__)
 
 
-def _train_pair_head(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Path) -> tuple[scorers.Scorer, dict]:
+def _train_pair_head(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Path) -> tuple[scorers.Scorer, dict, dict]:
     fs, split = stage.features, stage.split
     head = heads.build_head(cfg.head)
     params = {}
@@ -37,11 +37,16 @@ def _train_pair_head(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Pa
         context = pair_labels.PairContext(
             features=train_x, thumbnails=fs.thumbnails[split.train], class_labels=train_labels, cfg=cfg.labels
         )
-        params = trainer.train_head(cfg, head, train_x, context, out_dir)
-    return scorers.pair_scorer(cfg.head.name, head, params), {}
+        keeper = selection.make_keeper(cfg, stage, head, out_dir)
+        params = trainer.train_head(cfg, head, train_x, context, out_dir, keeper)
+        if keeper is not None:
+            print(selection.describe(keeper.selection, heads.base_metric(cfg.head)), flush=True)
+        params = selection.selected_params(cfg.eval.select, out_dir, params, keeper)
+    diagnosable = {cfg.head.name: (head, params)} if params else {}
+    return scorers.head_scorer(cfg.head, head, params), {}, diagnosable
 
 
-def _train_reranker(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Path) -> tuple[scorers.Scorer, dict]:
+def _train_reranker(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Path) -> tuple[scorers.Scorer, dict, dict]:
     fs, split = stage.features, stage.split
     val_x = postprocessed(cfg, fs.features[split.val], fit_on=fs.features[split.val]) if len(split.val) else train_x[:0]
     val_y = fs.labels[split.val] if len(split.val) else None
@@ -56,10 +61,11 @@ def _train_reranker(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Pat
     )
     spec = rerank_training.spec_from_config(cfg.head.reranker)
     scorer = learned_rerank.learned_scorer(learned_rerank.build_model(spec), params, spec, cfg.head.name)
-    return scorer, {"reranker": {**summary, "config": dataclasses.asdict(cfg.head.reranker)}}
+    return scorer, {"reranker": {**summary, "config": dataclasses.asdict(cfg.head.reranker)}}, {}
 
 
-# What trains each kind of learned scorer; every other head is a pair head.
+# What trains each kind of learned scorer -> (scorer, facts for model.json, heads the diagnostics can read);
+# every other head is a pair head.
 TRAINERS = {"learned_rerank": _train_reranker}
 
 
@@ -68,7 +74,7 @@ def train(cfg: Config, out_dir: Path) -> dict[str, dict[str, float]]:
     stage = load_stage(cfg)
     raw_train = stage.features.features[stage.split.train]
     train_x = postprocessed(cfg, raw_train, fit_on=raw_train)
-    scorer, extra = TRAINERS.get(cfg.head.name, _train_pair_head)(cfg, stage, train_x, out_dir)
+    scorer, extra, diagnosable = TRAINERS.get(cfg.head.name, _train_pair_head)(cfg, stage, train_x, out_dir)
     checkpointing.write_model_info(
         out_dir,
         {
@@ -82,9 +88,17 @@ def train(cfg: Config, out_dir: Path) -> dict[str, dict[str, float]]:
             **extra,
         },
     )
+    if cfg.train.diagnose:
+        from cbir_jax.diagnose import run_diagnostics
+
+        run_diagnostics(cfg, stage, diagnosable, out_dir)
     if not cfg.train.evaluate:
         return {}
-    return evaluate_stage(cfg, stage, {cfg.head.name: scorer}, out_dir)
+    results = evaluate_stage(cfg, stage, {cfg.head.name: scorer}, out_dir)
+    note = verdict(results, cfg.head.name)
+    if note:
+        print(note, flush=True)
+    return results
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -1,7 +1,10 @@
 """The training loop: sampled pairs, heuristic targets, one jitted Optax step, Orbax checkpoints.
 
 Reproducible and resumable: epoch e's pairs come from a generator seeded with (seed, e), so a resumed
-run sees exactly the batches the uninterrupted run would have seen.
+run sees exactly the batches the uninterrupted run would have seen. With a `selection.BestKeeper`, the
+head is validated before the first step and after every epoch (records with `val_*` keys in
+metrics.jsonl; `epoch` there counts the epochs done), the best parameters are kept, and training stops
+early after `train.patience` validations without a new best.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cbir_jax import checkpointing, guards, heads, losses, pair_labels, pairs, runs
+from cbir_jax import checkpointing, guards, heads, losses, pair_labels, pairs, runs, selection
 from cbir_jax.errors import DivergedError, Interrupted
 from cbir_jax.registry import Registry
 
@@ -59,16 +62,45 @@ def make_train_step(head: nn.Module, tx: optax.GradientTransformation, loss_fn) 
     return step
 
 
+def epoch_batches(
+    cfg, context: pair_labels.PairContext, n: int, nbrs: np.ndarray | None, epoch: int, steps: int, batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epoch `epoch`'s pairs and targets, each shaped (steps, batch) — or (steps, batch // M, M) in groups of
+    one anchor and M = `pairs.per_anchor` candidates."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    per_anchor = cfg.pairs.per_anchor
+    if per_anchor > 0:
+        groups = max(1, batch // per_anchor)
+        i, j = pairs.sample_anchor_groups(rng, n, steps * groups, per_anchor, cfg.pairs.hard_fraction, nbrs)
+        shape = (steps, groups, per_anchor)
+    else:
+        i, j = pairs.sample_pairs(rng, n, steps * batch, cfg.pairs.hard_fraction, nbrs)
+        shape = (steps, batch)
+    targets = pair_labels.pair_targets(context, i, j)
+    return tuple(x.reshape(shape) for x in (i, j, targets))
+
+
+def _log(metrics_file, record: dict) -> None:
+    metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
+    metrics_file.flush()
+
+
 def train_head(
-    cfg, head: nn.Module, features: np.ndarray, context: pair_labels.PairContext, run_dir: Path
+    cfg,
+    head: nn.Module,
+    features: np.ndarray,
+    context: pair_labels.PairContext,
+    run_dir: Path,
+    keeper: "selection.BestKeeper | None" = None,
 ) -> dict[str, Any]:
-    """Trains `head` on pairs of `features` rows; returns the final parameters.
+    """Trains `head` on pairs of `features` rows; returns the final parameters (the best ones are on disk
+    with `keeper`).
 
     Ctrl-C and divergence stop it with one line, after any checkpoint being written has completed.
     """
     state: dict[str, Any] = {}  # the loop's manager and step, for the messages below
     try:
-        return _train_head(cfg, head, features, context, run_dir, state)
+        return _train_head(cfg, head, features, context, run_dir, state, keeper)
     except (KeyboardInterrupt, DivergedError) as e:
         if "mngr" not in state:
             raise
@@ -84,7 +116,7 @@ def train_head(
         ) from None
 
 
-def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, Any], keeper=None) -> dict[str, Any]:
     params = heads.init_params(head, features.shape[1], jax.random.key(cfg.seed))
     n = len(features)
     batch = min(cfg.train.batch_size, cfg.pairs.pairs_per_epoch)
@@ -111,12 +143,13 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
     state.update(mngr=mngr, step=step, progress=progress)
     loss_sum, loss_count = 0.0, 0
-    while step < total_steps:
+    if keeper is not None and step % steps_per_epoch == 0 and not keeper.already_validated(step):
+        # the starting point is a candidate too: a residual head that training only hurts keeps its base metric
+        _log(metrics_file, {"step": step, "epoch": step // steps_per_epoch, **keeper.validate(step, step // steps_per_epoch, params)})
+    stopped = keeper is not None and keeper.selection.should_stop(cfg.train.patience)
+    while step < total_steps and not stopped:
         epoch, offset = divmod(step, steps_per_epoch)
-        rng = np.random.default_rng([cfg.seed, epoch])
-        i, j = pairs.sample_pairs(rng, n, steps_per_epoch * batch, cfg.pairs.hard_fraction, nbrs)
-        targets = pair_labels.pair_targets(context, i, j)
-        i, j, targets = (x.reshape(steps_per_epoch, batch) for x in (i, j, targets))
+        i, j, targets = epoch_batches(cfg, context, n, nbrs, epoch, steps_per_epoch, batch)
         for b in range(offset, steps_per_epoch):
             params, opt_state, loss = step_fn(params, opt_state, feats, i[b], j[b], targets[b])
             step += 1
@@ -126,17 +159,24 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
             progress.update(1)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 record = {"step": step, "epoch": epoch, "loss": loss_sum / loss_count}
-                metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-                metrics_file.flush()
+                _log(metrics_file, record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 loss_sum, loss_count = 0.0, 0
             if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
                 guards.check_params(step, params)
                 checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
+        if keeper is not None:
+            _log(metrics_file, {"step": step, "epoch": epoch + 1, **keeper.validate(step, epoch + 1, params)})
+            stopped = keeper.selection.should_stop(cfg.train.patience)
+            if stopped:
+                log.info("early stop after epoch %d: no better validation %s for %d epochs (best: step %d)",
+                         epoch + 1, keeper.metric, cfg.train.patience, keeper.selection.best_step)
     progress.close()
     metrics_file.close()
     if mngr.latest_step() != step:  # e.g. a resumed run that was already complete
         checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
     mngr.wait_until_finished()
     mngr.close()
+    if keeper is not None:
+        keeper.close()
     return params

@@ -43,7 +43,9 @@ def test_train_writes_a_self_describing_run(tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "metrics.json").read_text()) == results
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 16 and all(np.isfinite(r["loss"]) for r in lines)
+    losses = [r for r in lines if "loss" in r]
+    assert losses[-1]["step"] == 16 and all(np.isfinite(r["loss"]) for r in losses)
+    assert [r["epoch"] for r in lines if "val_map_at_r" in r] == [0, 1, 2]  # before training, after each epoch
     assert checkpointing.read_model_info(run)["feature_dim"] == 16 * 16 * 3
 
 

@@ -66,3 +66,41 @@ def test_default_output_lies_next_to_the_multirun_folder(multirun, capsys):
 def test_a_folder_without_jobs_fails_with_a_message(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 1
     assert "no job folder" in capsys.readouterr().err
+
+
+def _diagnostics(map_held_out, auc):
+    block = {"fit_train_pairs": 0.9, "fit_fresh_pairs": 0.8,
+             "pairs": {"spearman_pair_part": 0.1, "additive_share": 0.6, "auc_same_class": auc},
+             "train_rows": {"map_at_r": 0.5}, "held_out_rows": {"map_at_r": map_held_out, "n10_skewness": 2.0,
+                                                               "n10_top1pct_share": 0.05}}
+    label = {"auc_same_class": 0.7, "additive_share": 0.65, "spearman_with_cosine": 0.5}
+    return {"label": {"train": label}, "rows": {"held_out": 50},
+            "scorers": {"cosine": {**block, "held_out_rows": {**block["held_out_rows"], "map_at_r": 0.8}}, "mlp": block}}
+
+
+def test_diagnostics_table_groups_like_the_metrics_table(tmp_path):
+    root = tmp_path / "multirun" / "d"
+    for seed, (value, auc) in enumerate(((0.1, 0.4), (0.3, 0.6))):
+        job = root / str(seed)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["head=mlp", "labels=ssim", f"seed={seed}"]))
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"head": {"name": "mlp"}}))
+        (job / "diagnostics.json").write_text(json.dumps(_diagnostics(value, auc)))
+    md = report.report(root, tmp_path / "diag", diagnostics=True)
+    assert "target AUC" in md and "MAP@R held-out rows" in md
+    learned = next(line for line in md.splitlines() if line.startswith("| learned"))
+    # label columns, then fit columns, ... mean ± std of the two seeds (AUC 0.4, 0.6; MAP@R 0.1, 0.3)
+    assert learned.startswith("| learned | mlp | 0.7000 ± 0.0000 | 0.6500 ± 0.0000 |")
+    assert "| 0.5000 ± 0.1414 |" in learned and "| 0.2000 ± 0.1414 |" in learned
+    baseline = next(line for line in md.splitlines() if line.startswith("| baseline | cosine"))
+    assert baseline.startswith("| baseline | cosine | nan | nan | nan | nan | nan | nan | 0.6000 ± 0.0000 |")
+    with pytest.raises(FileNotFoundError, match="diagnostics.json"):
+        report.report(_empty(tmp_path), tmp_path / "x", diagnostics=True)
+
+
+def _empty(tmp_path):
+    job = tmp_path / "empty" / "0" / ".hydra"
+    job.mkdir(parents=True)
+    (job / "overrides.yaml").write_text(yaml.safe_dump(["seed=0"]))
+    (job / "config.yaml").write_text(yaml.safe_dump({"head": {"name": "mlp"}}))
+    return tmp_path / "empty"
