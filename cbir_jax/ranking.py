@@ -52,7 +52,7 @@ def scan_top_k(
     padding and never returned); `self_index` is compared with the labels. Used per shard by sharding.
     """
     n = _num_rows(rows)
-    chunk = min(chunk, n)
+    chunk = min(chunk, n) if scorer.chunkable else n  # a re-ranker reads the whole gallery's neighbourhoods
     b = queries.shape[0]
     if self_index is None:
         self_index = jnp.full((b,), -1, jnp.int32)

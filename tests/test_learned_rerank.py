@@ -73,6 +73,22 @@ def test_query_chunks_score_exactly_as_one_batch():
     assert chunked == pytest.approx(whole, abs=1e-9)
 
 
+def test_top_k_with_a_small_gallery_chunk_equals_the_dense_ranking():
+    """A re-ranker needs the whole gallery: ranking.top_k must not hand it chunks, whatever `chunk` says."""
+    from cbir_jax import ranking
+
+    x, _ = _clusters(np.random.default_rng(4), 4, 9)
+    model, params = _random_params(SPEC, seed=5)
+    scorer = lr.learned_scorer(model, params, SPEC)
+    state = scorer.prepare(jnp.asarray(x))
+    self_index = jnp.arange(6, dtype=jnp.int32)
+    dense = np.array(scorer.score(*state, jnp.asarray(x[:6]), self_index))
+    dense[np.arange(6), np.arange(6)] = -np.inf
+    s, idx = ranking.top_k(scorer, state, jnp.asarray(x[:6]), k=5, chunk=4, self_index=self_index, exclude_self=True)
+    np.testing.assert_array_equal(np.asarray(idx), np.argsort(-dense, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(np.asarray(s), np.sort(dense, axis=1)[:, ::-1][:, :5], atol=1e-6)
+
+
 def _confusable(rng, n_classes, per_class, dim=24):
     """Classes whose members lie on a tight core, plus per class a few look-alikes of *another* class
     placed between the two: cosine (and DBA's fixed weights) pull them in; the neighbourhood structure
