@@ -5,7 +5,7 @@
 Both sides at the parameters the study uses (k=50, α=3, qe_k=15, qe_α=1; the learned model dim 64, depth
 2), each in its own fresh process, alternating (benchmarks/harness.py). Gallery: N clustered unit vectors
 of size 1280 (EfficientNet-Lite0's feature size); queries: 256 other vectors of the same clusters, ranked
-in chunks of 64 (the (B, N, k+2) coefficient gathers of both methods bound the chunk). Cases:
+in chunks of 16 (the (B, N, k+2) coefficient gathers of DBA + α-QE bound the chunk). Cases:
 - `prepare`: the per-gallery work, done once (neighbourhoods; the learned side also runs its transformer
   on every item: once per item; with `--loo` also the (k+1) leave-one-out variants per item that
   evaluation with gallery items as queries needs);
@@ -24,7 +24,7 @@ from benchmarks.harness import Side, alternate
 from benchmarks.timing import times
 
 K, ALPHA, QE_K, QE_ALPHA = 50, 3.0, 15, 1.0
-QUERIES, CHUNK = 256, 64
+QUERIES, CHUNK = 256, 16
 
 
 def _data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from cbir_jax import ranking, scorers
-from cbir_jax.rerank import RERANKERS, l2_normalise, weights_from_similarity
+from cbir_jax.rerank import l2_normalise, neighbourhood_gram, weights_from_similarity
 
 EPS = 1e-12
 
@@ -104,8 +104,7 @@ def gallery_neighbourhoods(g: jax.Array, k: int, chunk: int = 8192) -> tuple[jax
     n = g.shape[0]
     _, nbr = ranking.top_k(cosine, state, g, k=k + 1, chunk=chunk, self_index=jnp.arange(n, dtype=jnp.int32), exclude_self=True)
     members = jnp.concatenate([jnp.arange(n, dtype=nbr.dtype)[:, None], nbr], axis=1)
-    vecs = g[members]
-    return members, jnp.einsum("jad,jcd->jac", vecs, vecs)
+    return members, neighbourhood_gram(g, members)
 
 
 def prepare_gallery(

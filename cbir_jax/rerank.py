@@ -75,6 +75,16 @@ def _gallery_neighbours(g: jax.Array, k: int, chunk: int = 1024) -> tuple[jax.Ar
     return jnp.concatenate(out_s), jnp.concatenate(out_i)
 
 
+def neighbourhood_gram(g: jax.Array, members: jax.Array, chunk: int = 1024) -> jax.Array:
+    """(N, M, M) cosines among each row's members, built `chunk` rows at a time: the members' vectors of all
+    rows at once would be N x M x D (10k rows, M = 52, D = 1280: 2.7 GB)."""
+    out = []
+    for start in range(0, members.shape[0], chunk):
+        vecs = g[members[start : start + chunk]]
+        out.append(jnp.einsum("jad,jcd->jac", vecs, vecs))
+    return jnp.concatenate(out)
+
+
 def _dba_coefficients(nbr_i: jax.Array, nbr_w: jax.Array, self_index: jax.Array, k: int) -> jax.Array:
     """(B, N, k+2) coefficients of each gallery row's DBA vector over its members [j, n_j1..n_j(k+1)],
     with query b's gallery entry removed: the first k neighbours other than self_index[b]."""
@@ -179,8 +189,7 @@ def _dba_alpha_qe(k: int = 10, alpha: float = 3.0, qe_k: int = 10, qe_alpha: flo
         kk = min(k + 1, g.shape[0] - 1)  # one spare neighbour replaces the query's entry when removed
         nbr_s, nbr_i = _gallery_neighbours(g, kk)
         members = jnp.concatenate([jnp.arange(g.shape[0])[:, None], nbr_i], axis=1)  # (N, k+2)
-        vecs = g[members]
-        gram = jnp.einsum("jad,jcd->jac", vecs, vecs)
+        gram = neighbourhood_gram(g, members)
         return {"g": g, "members": members, "gram": gram, "nbr_w": weights_from_similarity(nbr_s, alpha)}, None
 
     def score(rows, shared, queries, self_index):
