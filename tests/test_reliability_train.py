@@ -29,6 +29,11 @@ def _params(run_dir: Path, *overrides: str):
     return checkpointing.restore_params(run_dir, like)
 
 
+# These tests pin the loss log and checkpoints; validation records and best-on-validation selection
+# across a resume are tested in test_selection.py.
+NO_VALIDATION = "data.split.val_fraction=0"
+
+
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -38,8 +43,8 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
     with pytest.raises(DivergedError, match=r"diverged at step \d+ \(") as e:
         _train(run, "train.learning_rate=1e30", "train.evaluate=false")
     assert "\n" not in str(e.value)
-    for record in _records(run):  # valid JSON, nothing but finite numbers
-        assert np.isfinite(record["loss"])
+    for record in _records(run):  # valid JSON, nothing but finite numbers (loss and validation records alike)
+        assert all(np.isfinite(v) for v in record.values() if isinstance(v, (int, float)))
     assert not (run / "model.json").exists()  # not a finished run: evaluate refuses it
 
 
@@ -58,7 +63,7 @@ def test_nan_after_checkpoints_keeps_them_good(tmp_path, monkeypatch):
     monkeypatch.setattr(pair_labels, "pair_targets", poisoned)
     run = tmp_path / "run"
     with pytest.raises(DivergedError, match=r"step 9 \(loss nan\).*last checkpoint: step 8"):
-        _train(run, "train.evaluate=false", "train.log_every=4")
+        _train(run, "train.evaluate=false", "train.log_every=4", NO_VALIDATION)
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [5, 8]
     assert guards.all_finite(_params(run))
     assert [r["step"] for r in _records(run)] == [4, 8]  # the good steps, and no NaN line
@@ -66,7 +71,7 @@ def test_nan_after_checkpoints_keeps_them_good(tmp_path, monkeypatch):
 
 def test_resume_logs_each_step_once_and_matches_the_uninterrupted_run(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    opts = ("train.max_to_keep=10", "train.log_every=1", "train.evaluate=false")
+    opts = ("train.max_to_keep=10", "train.log_every=1", "train.evaluate=false", NO_VALIDATION)
     _train(full, *opts)
     # Killed after logging step 9 but with step 5 its last checkpoint, mid-line on step 10.
     resumed.mkdir()

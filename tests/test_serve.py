@@ -304,7 +304,8 @@ def test_a_checkpoint_puts_its_head_first_and_ranks_as_the_head_scores(tmp_path)
     assert list(gallery.scorers) == ["mlp", "cosine"]
     ranked = search_row(gallery, 3)[0]
     module = heads.build_head(to_typed(cfg).head)
-    params = checkpointing.restore_params(run, heads.init_params(module, gallery.features.shape[1], jax.random.key(0)))
+    like = heads.init_params(module, gallery.features.shape[1], jax.random.key(0))
+    params = checkpointing.restore_params(run, like, checkpointing.resolve(run, "best"))  # what serve loads
     pairwise = scorers.pair_scorer("mlp", module, params, fast=False)  # one MLP application per pair
     rows, shared = pairwise.prepare(jnp.asarray(gallery.features))
     every = np.array(pairwise.score(rows, shared, jnp.asarray(gallery.features[3:4]), jnp.asarray([3])))[0]

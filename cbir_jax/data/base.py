@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import re
 from typing import Callable, Optional
 
 import numpy as np
@@ -104,7 +105,8 @@ def decode_image(data: bytes) -> np.ndarray:
             image.load()
             return to_rgb_uint8(_upright(image))
     except Exception as e:  # noqa: BLE001  (see the docstring)
-        raise ImageLoadError(f"{type(e).__name__}: {e}".splitlines()[0][:200]) from None
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")
+        raise ImageLoadError(message.splitlines()[0][:200]) from None  # PIL names the in-memory buffer
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cbir_jax.config import ServeConfig
 from cbir_jax.data import ImageLoadError
-from cbir_jax.data.base import load_image_file
+from cbir_jax.data.base import decode_image
 from cbir_jax.serve.gallery import PreparedGallery, Ranked, image_encoder, search_image, search_row
 
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -63,11 +63,7 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         width = height = 0  # the loader below names the problem
     if width * height > max_pixels:
         raise UploadRejected(413, f"the image is {width}x{height} pixels; the limit is {max_pixels:,} pixels")
-    buffer = io.BytesIO(data)
-    try:
-        return load_image_file(buffer)
-    except ImageLoadError as e:  # PIL names an in-memory file by its repr
-        raise ImageLoadError(str(e).replace(" " + repr(buffer), "")) from None
+    return decode_image(data)  # the folder source's decoder: same checks, same one-line messages
 
 
 def _row(gallery: PreparedGallery, row: int) -> dict[str, Any]:
