@@ -67,9 +67,9 @@ def render(rows: list[dict], quick: bool, seconds: float, blas: str, log: list[s
     out = [f"# Benchmarks {datetime.date.today()}{' (quick)' if quick else ''}", "",
            f"Machine: {machine()}. No GPU: this run had none (a GPU row needs a GPU machine; none was simulated).",
            "",
-           "The machine was shared with other developers' jobs during the run (2 cores, up to 5 users), so "
-           "absolute rates are lower and noisier than on an idle machine; ours and each peer alternate in "
-           "fresh processes, so that load falls on both sides as spread, and the ratio is taken of the bests.",
+           "Other jobs may share the machine: the 1-minute load average at each job's start and end is "
+           "logged below. Ours and each peer alternate in fresh processes, so load falls on both sides as "
+           "spread, and the ratio is taken of the bests.",
            "",
            f"Measured limits (best of start and end of run, in a peer-environment process: {blas}): sgemm "
            f"{table.LIMITS['gflops']:.1f} GFLOP/s (numpy, 4096^3), streaming read {table.LIMITS['gbps']:.1f} GB/s "
