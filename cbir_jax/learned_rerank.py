@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from cbir_jax import ranking, scorers
-from cbir_jax.rerank import l2_normalise, neighbourhood_gram, weights_from_similarity
+from cbir_jax.rerank import l2_normalise, mask_self, neighbourhood_gram, weights_from_similarity
 
 EPS = 1e-12
 
@@ -149,14 +149,9 @@ def _augmented_similarity(v: jax.Array, rows: dict[str, jax.Array], var: jax.Arr
     return jnp.einsum("bjm,bjm->bj", coef, p[:, rows["members"]])
 
 
-def _mask_self(s: jax.Array, self_index: jax.Array) -> jax.Array:
-    cols = jnp.arange(s.shape[-1])[None, :]
-    return jnp.where(cols == self_index[:, None], -jnp.inf, s)
-
-
 def expand_queries(model, params, spec: RerankerSpec, g: jax.Array, q: jax.Array, self_index: jax.Array) -> jax.Array:
     """Each unit query expanded over its k gallery neighbours (itself excluded) with the learned weights."""
-    _, top_i = jax.lax.top_k(_mask_self(q @ g.T, self_index), spec.k + 1)
+    _, top_i = jax.lax.top_k(mask_self(q @ g.T, self_index), spec.k + 1)
     vecs = jnp.concatenate([q[:, None], g[top_i]], axis=1)  # (B, k+2, D); the spare stays masked
     gram = jnp.einsum("bad,bcd->bac", vecs, vecs)
     valid = jnp.broadcast_to(_last_masked(spec.k + 2), gram.shape[:2])
@@ -172,11 +167,11 @@ def score_queries(model, params, spec: RerankerSpec, rows: dict[str, jax.Array],
     v = expand_queries(model, params, spec, g, q, self_index) if spec.query_side else q
     if "d" in rows:  # prepared without variants: queries are not gallery items (training, external search)
         d = rows["d"]
-        top_s, top_i = jax.lax.top_k(_mask_self(v @ d.T, self_index), min(spec.qe_k, n))
+        top_s, top_i = jax.lax.top_k(mask_self(v @ d.T, self_index), min(spec.qe_k, n))
         expanded = l2_normalise(v + jnp.einsum("bt,btd->bd", weights_from_similarity(top_s, spec.qe_alpha), d[top_i]))
         return expanded @ d.T
     var = _variant_index(rows, self_index)
-    s = _mask_self(_augmented_similarity(v, rows, var), self_index)
+    s = mask_self(_augmented_similarity(v, rows, var), self_index)
     top_s, top_i = jax.lax.top_k(s, min(spec.qe_k, n))
     # v' = v + Σ_t w_t d_t (each d_t unit), written over gallery rows: a (B, N) mixing matrix.
     bi = jnp.arange(b)[:, None]

@@ -42,7 +42,7 @@ def l2_normalise(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), EPS)
 
 
-def _mask_self(s: jax.Array, self_index: jax.Array) -> jax.Array:
+def mask_self(s: jax.Array, self_index: jax.Array) -> jax.Array:
     """Sets each row's self entry to -inf (no-op where self_index < 0)."""
     cols = jnp.arange(s.shape[-1])[None, :]
     return jnp.where(cols == self_index[:, None], -jnp.inf, s)
@@ -56,7 +56,7 @@ def weights_from_similarity(sims: jax.Array, alpha: float) -> jax.Array:
 def alpha_qe_scores(g: jax.Array, queries: jax.Array, self_index: jax.Array, k: int, alpha: float) -> jax.Array:
     """(B, N) cosine between α-expanded queries and the normalised gallery `g`."""
     q = l2_normalise(queries)
-    s = _mask_self(q @ g.T, self_index)
+    s = mask_self(q @ g.T, self_index)
     top_s, top_i = jax.lax.top_k(s, k)
     expanded = l2_normalise(q + jnp.einsum("bk,bkd->bd", weights_from_similarity(top_s, alpha), g[top_i]))
     return expanded @ g.T
@@ -68,7 +68,7 @@ def _gallery_neighbours(g: jax.Array, k: int, chunk: int = 1024) -> tuple[jax.Ar
     out_s, out_i = [], []
     for start in range(0, n, chunk):
         rows = g[start : start + chunk]
-        s = _mask_self(rows @ g.T, jnp.arange(start, start + rows.shape[0]))
+        s = mask_self(rows @ g.T, jnp.arange(start, start + rows.shape[0]))
         ts, ti = jax.lax.top_k(s, k)
         out_s.append(ts)
         out_i.append(ti)
@@ -109,7 +109,7 @@ def dba_alpha_qe_scores(
     b, n = queries.shape[0], g.shape[0]
     q = l2_normalise(queries)
     coef = _dba_coefficients(members[:, 1:], nbr_w, self_index, k)  # (B, N, k+2)
-    s = _mask_self(_dba_similarity(q @ g.T, members, gram, coef), self_index)
+    s = mask_self(_dba_similarity(q @ g.T, members, gram, coef), self_index)
     top_s, top_i = jax.lax.top_k(s, qe_k)  # neighbours of q among the DBA vectors
     # q' = q + Σ_t w_t d_t / |d_t|, written as a combination of gallery rows: coefficients (B, N).
     rows = jnp.arange(b)[:, None]
@@ -129,7 +129,7 @@ def diffusion_scores(
     """(B, N) diffusion scores on the gallery graph `w` with each query's own node removed."""
     b, n = queries.shape[0], g.shape[0]
     q = l2_normalise(queries)
-    cos = _mask_self(q @ g.T, self_index)
+    cos = mask_self(q @ g.T, self_index)
     top_s, top_i = jax.lax.top_k(cos, k_query)
     rows = jnp.arange(b)[:, None]
     y = jnp.zeros((b, n), g.dtype).at[rows, top_i].set(weights_from_similarity(top_s, gamma))
