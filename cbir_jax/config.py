@@ -213,6 +213,8 @@ class Config:
     checkpoint: Optional[str] = None
     query: Optional[str] = None
     k: int = 10
+    # The metric `train` returns for a Hydra sweeper to optimise (hparams_search/): the trained scorer's value.
+    optimized_metric: str = "map_at_r"
     experiment: Any = None
 
 

@@ -29,7 +29,7 @@ METRICS_LOG = "metrics.jsonl"
 # Keys a resume may change: how long to train and how often to log, never what is trained.
 RESUME_MAY_CHANGE = (
     "train.resume", "train.epochs", "train.log_every", "train.checkpoint_every", "train.max_to_keep",
-    "train.evaluate", "eval", "cache_dir", "checkpoint", "query", "k", "experiment",
+    "train.evaluate", "eval", "cache_dir", "checkpoint", "query", "k", "experiment", "optimized_metric",
 )
 
 

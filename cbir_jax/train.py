@@ -104,8 +104,8 @@ def train(cfg: Config, out_dir: Path) -> dict[str, dict[str, float]]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     results = run_or_exit(lambda: train(to_typed(cfg), run_dir()))
-    # The value a Hydra sweeper optimises: the trained head's mAP@R on held-out images.
-    return results.get(cfg.head.name, {}).get("map_at_r") if results else None
+    # The value a Hydra sweeper optimises (`optimized_metric`): the trained scorer's, on held-out images.
+    return results.get(cfg.head.name, {}).get(cfg.optimized_metric) if results else None
 
 
 if __name__ == "__main__":
