@@ -33,7 +33,7 @@ def side_ours(reps: int, batch: int) -> dict[str, Any]:
     import jax
 
     from cbir_jax.backbones import build_backbone
-    from cbir_jax.config import BackboneConfig
+    from cbir_jax.core.config import BackboneConfig
 
     backbone = build_backbone(BackboneConfig(name="efficientnet_lite0", image_size=224, pooling="gap"))
     x = jax.device_put(_batch(batch))

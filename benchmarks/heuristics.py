@@ -27,7 +27,7 @@ def _images(n: int, h: int, w: int, seed: int) -> np.ndarray:
 
 
 def side_ssim_ours(n: int, reps: int) -> dict[str, Any]:
-    from cbir_jax.heuristics import ssim_pairs
+    from cbir_jax.labels import ssim_pairs
 
     a, b = _images(n, 224, 224, 0), _images(n, 224, 224, 1)
     fn = lambda: np.asarray(ssim_pairs(a, b))  # noqa: E731
@@ -46,7 +46,7 @@ def side_ssim_skimage(n: int, reps: int) -> dict[str, Any]:
 
 
 def side_dhash_ours(n: int, reps: int) -> dict[str, Any]:
-    from cbir_jax.heuristics import dhash
+    from cbir_jax.labels import dhash
 
     imgs = _images(n, 200, 300, 2)  # caltech-like 300x200 RGB
     fn = lambda: np.asarray(dhash(imgs))  # noqa: E731

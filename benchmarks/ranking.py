@@ -34,7 +34,7 @@ def _data(n: int, n_queries: int, seed: int,
 
 
 def _ours_data(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from cbir_jax.ranking import aligned_empty  # 64-byte aligned, so jax.device_put aliases it
+    from cbir_jax.scoring.ranking import aligned_empty  # 64-byte aligned, so jax.device_put aliases it
 
     return _data(n, n_queries, seed, aligned_empty)
 
@@ -59,7 +59,7 @@ def side_fixed_ours(n: int, metrics: list[str], reps: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from cbir_jax import ranking, scorers
+    from cbir_jax.scoring import ranking, scorer as scorers
 
     g, q_all = _ours_data(n, max(BATCHES), seed=n)
     out: dict[str, Any] = {"times": {}, "arrays": {}}
@@ -161,7 +161,7 @@ def side_storage(n: int, dtype: str, reps: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from cbir_jax import ranking, scorers
+    from cbir_jax.scoring import ranking, scorer as scorers
 
     g, q = _ours_data(n, 256, seed=7)
     qj = jnp.asarray(q)
@@ -199,8 +199,8 @@ def _mlp_layers() -> tuple[Any, Any, list[tuple[np.ndarray, np.ndarray]]]:
     """The head, its parameters (key 0) and its layers as numpy arrays (the numpy side gets the same values)."""
     import jax
 
-    from cbir_jax import heads, scorers
-    from cbir_jax.config import HeadConfig
+    from cbir_jax.scoring import heads, scorer as scorers
+    from cbir_jax.core.config import HeadConfig
 
     head = heads.build_head(HeadConfig(name="mlp", hidden=[HIDDEN]))
     params = heads.init_params(head, D, jax.random.key(0))
@@ -211,7 +211,7 @@ def side_mlp_ours(cases: list[list[int]], reps: int, fast: bool) -> dict[str, An
     import jax
     import jax.numpy as jnp
 
-    from cbir_jax import ranking, scorers
+    from cbir_jax.scoring import ranking, scorer as scorers
 
     head, params, _ = _mlp_layers()
     out: dict[str, Any] = {"times": {}, "arrays": {}, "info": {}}
@@ -301,7 +301,7 @@ def side_rss(n: int, batches: list[int]) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from cbir_jax import ranking, scorers
+    from cbir_jax.scoring import ranking, scorer as scorers
 
     g = ranking.aligned_empty((n, D))
     rng = np.random.default_rng(0)

@@ -55,7 +55,7 @@ def reference_features(paths: list[Path], batch_size: int = 32) -> np.ndarray:
 
 def our_features(paths: list[Path], batch_size: int = 32) -> np.ndarray:
     from cbir_jax.backbones import build_backbone
-    from cbir_jax.config import BackboneConfig
+    from cbir_jax.core.config import BackboneConfig
 
     backbone = build_backbone(BackboneConfig(name="efficientnet_lite0", image_size=224, resize="squash", pooling="gap"))
     out = []

@@ -61,7 +61,7 @@ def _measure(scorer, n: int, reps: int, loo_prepare=None) -> dict[str, Any]:
 
 
 def side_dba(n: int, reps: int) -> dict[str, Any]:
-    from cbir_jax import rerank
+    from cbir_jax.scoring import rerank
 
     return _measure(rerank.build_reranker("dba_alpha_qe", k=K, alpha=ALPHA, qe_k=QE_K, qe_alpha=QE_ALPHA), n, reps)
 
@@ -69,7 +69,7 @@ def side_dba(n: int, reps: int) -> dict[str, Any]:
 def side_learned(n: int, reps: int, loo: bool = False) -> dict[str, Any]:
     import jax
 
-    from cbir_jax import learned_rerank as lr
+    from cbir_jax.scoring import learned_rerank as lr
 
     spec = lr.RerankerSpec(k=K, alpha=ALPHA, qe_k=QE_K, qe_alpha=QE_ALPHA)
     model = lr.build_model(spec)

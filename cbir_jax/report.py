@@ -138,7 +138,7 @@ def summarise(jobs: list[dict], columns=COLUMNS) -> tuple[list[str], list[tuple[
 
 
 def _is_fixed(name: str) -> bool:
-    from cbir_jax import heads
+    from cbir_jax.scoring import heads
 
     return name in heads.FIXED_METRICS
 
@@ -174,7 +174,7 @@ def write_csv(path: Path, rows: list[tuple[str, str, dict]], columns=COLUMNS) ->
 def paired_rows(jobs: list[dict], versus: str) -> list[str]:
     """For each learned row: its MAP@R minus the baseline whose name starts with `versus`, per query
     (seeds averaged per query), with a 95% paired bootstrap interval over queries (significance.py)."""
-    from cbir_jax.significance import paired_bootstrap
+    from cbir_jax.evaluation.significance import paired_bootstrap
 
     common = [o for o in jobs[0]["overrides"] if all(o in j["overrides"] for j in jobs)]
     groups: "OrderedDict[str, list[np.ndarray]]" = OrderedDict()

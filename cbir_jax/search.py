@@ -14,15 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
-from cbir_jax import figures, heads, postprocess, ranking, scorers
-from cbir_jax.checkpointing import CheckpointError
-from cbir_jax.cli import run_dir, run_or_exit, to_typed
-from cbir_jax.config import CONFIG_DIR
+from cbir_jax.evaluation import figures
+from cbir_jax.scoring import heads, ranking, scorer as scorers
+from cbir_jax.features import postprocess
+from cbir_jax.training.checkpointing import CheckpointError
+from cbir_jax.runs.cli import overridden_keys, print_outputs, run_dir, run_or_exit, to_typed
+from cbir_jax.core.config import CONFIG_DIR
 from cbir_jax.data import DataError
 from cbir_jax.data.base import load_image_file
-from cbir_jax.evaluate import load_trained, overridden_keys, trained_scorer
-from cbir_jax.imageops import resize_square
-from cbir_jax.pipeline import load_stage
+from cbir_jax.runs.trained import load_trained, trained_scorer
+from cbir_jax.data.imageops import resize_square
+from cbir_jax.features.stage import load_stage
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +65,15 @@ def search(cfg_dict: DictConfig, out_dir: Path, overridden: frozenset[str] = fro
         results.append((ids[i], float(score)))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = {scorer.name: [(fs.image(i), float(v), None) for v, i in zip(s[0], idx[0]) if i >= 0]}
-    path = figures.topk_grid(resize_square(query_image, 128), rows, out_dir / "search.png", title=str(cfg.query))
-    print(f"figure: {path}")
+    figures.topk_grid(resize_square(query_image, 128), rows, out_dir / "search.png", title=str(cfg.query))
     return results
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(lambda: search(cfg, run_dir(), overridden_keys()))
+    out_dir = run_dir()
+    run_or_exit(lambda: search(cfg, out_dir, overridden_keys()))
+    print_outputs(out_dir)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cbir_jax.config import CONFIG_DIR
+from cbir_jax.core.config import CONFIG_DIR
 
 # Small enough to train and evaluate in seconds; real photos (data=embedded), real code paths.
 FAST = [

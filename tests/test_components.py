@@ -5,10 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbir_jax import heads, losses, pair_labels, postprocess
-from cbir_jax.config import FeaturesConfig, HeadConfig, LossConfig, SplitConfig
+from cbir_jax.scoring import heads
+from cbir_jax.training import losses
+from cbir_jax.labels import targets as pair_labels
+from cbir_jax.features import postprocess
+from cbir_jax.core.config import FeaturesConfig, HeadConfig, LossConfig, SplitConfig
 from cbir_jax.data import DataError
-from cbir_jax.splits import make_split
+from cbir_jax.data.splits import make_split
 
 
 def test_fixed_metrics_on_known_vectors():

@@ -8,8 +8,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from cbir_jax.cli import to_typed
-from cbir_jax.config import CONFIG_DIR
+from cbir_jax.runs.cli import to_typed
+from cbir_jax.core.config import CONFIG_DIR
 
 from helpers import compose_config
 

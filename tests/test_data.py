@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from cbir_jax.backbones import build_backbone
-from cbir_jax.config import BackboneConfig, DataConfig
+from cbir_jax.core.config import BackboneConfig, DataConfig
 from cbir_jax.data import DataError, build_dataset
-from cbir_jax.features import extract_features
+from cbir_jax.features.extract import extract_features
 
 
 def _photo(rng, size=(40, 30)):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cbir_jax import diagnostics as diag
-from cbir_jax.cli import to_typed
+from cbir_jax.evaluation import diagnostics as diag
+from cbir_jax.runs.cli import to_typed
 from cbir_jax.train import train
 
 from helpers import compose_config

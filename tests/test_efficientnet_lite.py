@@ -19,9 +19,9 @@ import skimage.data
 from cbir_jax.backbones import build_backbone
 from cbir_jax.backbones import efficientnet_lite as E
 from cbir_jax.backbones.weights import CheckpointMismatchError
-from cbir_jax.config import BackboneConfig
-from cbir_jax.registry import UnknownComponentError
-from cbir_jax.torch_pickle import load_state_dict
+from cbir_jax.core.config import BackboneConfig
+from cbir_jax.core.registry import UnknownComponentError
+from cbir_jax.backbones.torch_pickle import load_state_dict
 
 CFG = BackboneConfig(name="efficientnet_lite0", image_size=224, resize="squash", pooling="gap")
 CALTECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101-dev"
@@ -121,7 +121,7 @@ def test_runtime_never_imports_torch():
     code = (
         "import sys, numpy as np, skimage.data\n"
         "from cbir_jax.backbones import build_backbone\n"
-        "from cbir_jax.config import BackboneConfig\n"
+        "from cbir_jax.core.config import BackboneConfig\n"
         "b = build_backbone(BackboneConfig(name='efficientnet_lite0', image_size=64))\n"
         "b.forward(np.stack([b.preprocess(skimage.data.chelsea())])).block_until_ready()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

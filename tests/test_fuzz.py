@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
-from cbir_jax import torch_pickle as tp
-from cbir_jax.cli import to_typed
-from cbir_jax.config import CONFIG_DIR
+from cbir_jax.backbones import torch_pickle as tp
+from torch_writer import save_state_dict
+from cbir_jax.runs.cli import to_typed
+from cbir_jax.core.config import CONFIG_DIR
 from cbir_jax.data.base import ImageLoadError, decode_image
-from cbir_jax.errors import UserError
+from cbir_jax.core.errors import UserError
 
 from helpers import compose_config
 
@@ -80,7 +81,7 @@ def test_mutated_images_decode_or_fail_with_one_line(data):
 def _weights(legacy: bool) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "w.pth"
-        tp.save_state_dict({"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+        save_state_dict({"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
                             "bn.num_batches_tracked": np.array(3, np.int64)}, path, legacy=legacy)
         return path.read_bytes()
 
@@ -128,7 +129,7 @@ NUMBERS = st.one_of(st.integers(-3, 10**6).map(str), st.sampled_from(["0", "-1",
 KEYS = ["train.learning_rate", "train.batch_size", "train.epochs", "train.log_every", "train.checkpoint_every",
         "pairs.pairs_per_epoch", "pairs.hard_fraction", "pairs.hard_k", "k", "eval.k", "data.split.train_fraction",
         "data.split.query_fraction", "labels.image_size", "labels.ssim_win_size", "backbone.image_size",
-        "head.dropout", "train.grad_clip", "features.whiten_dim", "data.max_per_class", "train.weight_decay"]
+        "train.grad_clip", "features.whiten_dim", "data.max_per_class", "train.weight_decay"]
 OVERRIDE = st.one_of(
     st.sampled_from(GROUPS).flatmap(lambda g: st.sampled_from(_options(g) + ["nope"]).map(lambda o: f"{g}={o}")),
     st.tuples(st.sampled_from(KEYS), NUMBERS).map(lambda kv: f"{kv[0]}={kv[1]}"),
@@ -139,8 +140,12 @@ OVERRIDE = st.one_of(
 
 def _build_components(cfg) -> None:
     """What a run builds from its config before any data is read: every choice is resolved here."""
-    from cbir_jax import heads, losses, pair_labels, postprocess, splits, trainer
-    from cbir_jax.evaluate import baseline_scorer
+    from cbir_jax.scoring import heads
+    from cbir_jax.training import losses, loop as trainer
+    from cbir_jax.labels import targets as pair_labels
+    from cbir_jax.features import postprocess
+    from cbir_jax.data import splits
+    from cbir_jax.scoring.baselines import baseline_scorer
 
     heads.build_head(cfg.head)
     losses.get_loss(cfg.loss)

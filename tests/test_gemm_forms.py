@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbir_jax import heads, ranking, scorers
-from cbir_jax.config import HeadConfig
+from cbir_jax.scoring import heads, ranking, scorer as scorers
+from cbir_jax.core.config import HeadConfig
 
 
 def _setup(head_name, dim, hidden, activation="relu", seed=0, n=97, b=5, mean=0.0):
@@ -78,3 +78,45 @@ def test_top_k_fast_equals_naive(head_name):
     s2, i2 = ranking.search(naive, gallery, queries, k=10, chunk=50)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-5)
+
+
+def _perturbed(params, seed=3, scale=0.1):
+    """Parameters away from their initial values (zero-initialised corrections would hide a wrong form)."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+    return jax.tree_util.tree_unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("overrides", [
+    {"name": "mlp", "residual": True, "monotone": True},
+    {"name": "mlp", "residual": True, "monotone": False, "base": "euclid"},
+    {"name": "mlp", "residual": False, "monotone": False},
+    {"name": "simnet", "residual": True},
+    {"name": "simnet"},
+    {"name": "cosine_residual", "rank": 4},
+    {"name": "cosine_residual", "rank": 4, "rerank": "alpha_qe"},
+    {"name": "cosine_residual", "rank": 4, "rerank": "dba_alpha_qe"},
+    {"name": "cosine_residual", "rank": 4, "rerank": "diffusion"},
+    {"name": "mlp", "residual": True, "monotone": True, "csls_k": 5},
+    {"name": "cosine_residual", "rank": 4, "csls_k": 5},
+    {"name": "cosine", "csls_k": 5},
+    {"name": "ssim_ratio"},
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_fast_changes_speed_never_results(overrides):
+    """Every head and scoring option (head.rerank, head.csls_k) scores the same with `fast=False`,
+    leave-one-out queries included."""
+    from cbir_jax.scoring import compose
+
+    cfg = HeadConfig(**{"hidden": [16, 8], **overrides})
+    head = heads.build_head(cfg)
+    dim = 12
+    params = heads.init_params(head, dim, jax.random.key(0))
+    params = _perturbed(params) if params else params
+    gallery = np.random.default_rng(0).normal(size=(41, dim)).astype(np.float32)
+    self_index = jnp.arange(7, dtype=jnp.int32)  # the first 7 gallery rows are the queries
+    scores = []
+    for fast in (True, False):
+        scorer = compose.head_scorer(cfg, head, params, fast=fast)
+        state = scorer.prepare(jnp.asarray(gallery))
+        scores.append(np.asarray(ranking.score_all(scorer, state, jnp.asarray(gallery[:7]), self_index, chunk=16)))
+    _close(scores[0], scores[1])

@@ -10,7 +10,8 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
-from cbir_jax.heuristics import dhash, hamming, ssim, ssim_pairs, ssim_vectors
+from cbir_jax.labels import dhash, hamming, ssim, ssim_pairs
+from cbir_jax.scoring.heads import ssim_vectors
 
 CALTECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101-dev"
 needs_caltech = pytest.mark.skipif(not CALTECH.is_dir(), reason=f"{CALTECH} not present")

@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbir_jax import heads, losses, pair_labels, pairs, ranking, scorers
-from cbir_jax.config import HeadConfig, LabelsConfig, LossConfig
+from cbir_jax.scoring import compose, heads, ranking, scorer as scorers
+from cbir_jax.scoring.hubness import with_csls
+from cbir_jax.training import losses, pairs
+from cbir_jax.labels import targets as pair_labels
+from cbir_jax.core.config import HeadConfig, LabelsConfig, LossConfig
 
 
 def _unit(x):
@@ -111,8 +114,8 @@ def test_every_option_scores_identically_fast_and_naive(kw):
     params = _perturbed(params)
     self_index = np.array([3, -1, 60, 0, -1, 17, 30])
     queries = np.where((self_index >= 0)[:, None], gallery[np.maximum(self_index, 0)], queries)
-    fast = scorers.head_scorer(cfg, head, params)
-    naive = scorers.head_scorer(cfg, head, params, fast=False)
+    fast = compose.head_scorer(cfg, head, params)
+    naive = compose.head_scorer(cfg, head, params, fast=False)
     if not kw.get("csls_k"):
         assert scorers.form_key(head) in scorers.FAST_FORMS
     want = _all_scores(naive, gallery, queries, self_index)
@@ -122,7 +125,7 @@ def test_every_option_scores_identically_fast_and_naive(kw):
 def test_csls_matches_its_definition_with_leave_one_out():
     gallery, _ = _data(n=40, seed=3)
     k = 4
-    scorer = scorers.with_csls(scorers.fixed_scorer("cosine"), k)
+    scorer = with_csls(scorers.fixed_scorer("cosine"), k)
     queries = gallery[:10]
     got = _all_scores(scorer, gallery, queries, np.arange(10), chunk=16)
     sim = gallery @ gallery.T
@@ -147,7 +150,7 @@ def test_csls_demotes_a_hub():
         return np.mean(np.any(np.argsort(-s, 1)[:, :5] == 60, axis=1))
 
     assert hub_share(scorers.fixed_scorer("cosine")) > 0.7
-    assert hub_share(scorers.with_csls(scorers.fixed_scorer("cosine"), 5)) < 0.1
+    assert hub_share(with_csls(scorers.fixed_scorer("cosine"), 5)) < 0.1
 
 
 def test_per_query_targets_are_ranked_within_each_anchor():

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbir_jax import learned_rerank as lr
-from cbir_jax import rerank, rerank_training
-from cbir_jax.config import LearnedRerankConfig, TrainConfig
-from cbir_jax.evaluation import evaluate_scorer
+from cbir_jax.scoring import learned_rerank as lr
+from cbir_jax.scoring import rerank
+from cbir_jax.training import rerank_training
+from cbir_jax.core.config import LearnedRerankConfig, TrainConfig
+from cbir_jax.evaluation.retrieval import evaluate_scorer
 
 from helpers import compose_config
 
@@ -75,7 +76,7 @@ def test_query_chunks_score_exactly_as_one_batch():
 
 def test_top_k_with_a_small_gallery_chunk_equals_the_dense_ranking():
     """A re-ranker needs the whole gallery: ranking.top_k must not hand it chunks, whatever `chunk` says."""
-    from cbir_jax import ranking
+    from cbir_jax.scoring import ranking
 
     x, _ = _clusters(np.random.default_rng(4), 4, 9)
     model, params = _random_params(SPEC, seed=5)
@@ -110,7 +111,7 @@ def test_training_on_planted_structure_beats_alpha_qe_and_its_own_start(tmp_path
     train_x, train_y = _confusable(rng, 10, 12)
     test_x, test_y = _confusable(rng, 8, 12)  # other classes: what is learned must transfer
     cfg = compose_config("head=learned_rerank", "seed=0")
-    from cbir_jax.cli import to_typed
+    from cbir_jax.runs.cli import to_typed
 
     cfg = to_typed(cfg)
     cfg.head.reranker = LearnedRerankConfig(k=8, qe_k=5, dim=16, depth=1, heads=2, queries_per_step=40, val_every=100)
@@ -134,7 +135,7 @@ def test_training_on_planted_structure_beats_alpha_qe_and_its_own_start(tmp_path
 def test_train_then_evaluate_restores_the_same_reranker(tmp_path):
     from omegaconf import OmegaConf
 
-    from cbir_jax.cli import to_typed
+    from cbir_jax.runs.cli import to_typed
     from cbir_jax.evaluate import evaluate
     from cbir_jax.train import train
 

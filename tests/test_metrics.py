@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cbir_jax.metrics import MetricAccumulator, metrics_from_ranked, ranked_relevance
+from cbir_jax.evaluation.metrics import MetricAccumulator, metrics_from_ranked, ranked_relevance
 
 
 def test_hand_computed_case():

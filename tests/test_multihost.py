@@ -28,8 +28,8 @@ def _data():
 def _scorers():
     import jax
 
-    from cbir_jax import heads, scorers
-    from cbir_jax.config import HeadConfig
+    from cbir_jax.scoring import heads, scorer as scorers
+    from cbir_jax.core.config import HeadConfig
 
     head = heads.build_head(HeadConfig(name="mlp", hidden=list(HIDDEN)))
     params = heads.init_params(head, DIM, jax.random.key(1))
@@ -44,7 +44,7 @@ def _worker(workdir: str, port: int, process_id: int) -> None:
         coordinator_address=f"127.0.0.1:{port}", coordinator_bind_address=f"127.0.0.1:{port}",
         num_processes=2, process_id=process_id, initialization_timeout=TIMEOUT_S,
     )
-    from cbir_jax import sharding
+    from cbir_jax.scoring import sharding
 
     assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.devices())
     gallery, queries = _data()
@@ -68,7 +68,7 @@ def _free_port() -> int:
 def test_two_processes_rank_like_one(tmp_path):
     import jax.numpy as jnp
 
-    from cbir_jax import ranking
+    from cbir_jax.scoring import ranking
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cbir_jax import checkpointing, heads
-from cbir_jax.cli import to_typed
-from cbir_jax.config import Config
+from cbir_jax.training import checkpointing
+from cbir_jax.scoring import heads
+from cbir_jax.runs.cli import to_typed
+from cbir_jax.core.config import Config
 from cbir_jax.evaluate import evaluate
 from cbir_jax.search import search
 from cbir_jax.train import train
@@ -96,7 +97,7 @@ def test_checkpoint_feature_size_mismatch_is_one_line(tmp_path):
 
 def test_class_labels_are_read_only_for_labels_class(tmp_path, monkeypatch):
     """The self-supervised protocol: train on the gallery with a heuristic; labels are never touched."""
-    from cbir_jax import pipeline
+    from cbir_jax.features import stage as pipeline
     from cbir_jax.data.base import ImageDataset
 
     class Guarded(ImageDataset):
@@ -131,17 +132,23 @@ def test_command_lines(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         return out
 
-    call("cbir_jax.train", "head=mlp", "labels=ssim_ratio", f"hydra.run.dir={run}", *common)
+    out = call("cbir_jax.train", "head=mlp", "labels=ssim_ratio", f"hydra.run.dir={run}", *common)
     assert (run / "metrics.json").exists() and (run / ".hydra" / "config.yaml").exists()
-    out = call("cbir_jax.evaluate", f"checkpoint={run}", f"hydra.run.dir={tmp_path / 'eval'}", f"cache_dir={tmp_path / 'cache'}")
+    assert out.stdout.strip().splitlines()[-1].startswith(f"outputs: {run}/ (")  # every command says where it wrote
+    # evaluate and search of a checkpoint write under that run, never into it
+    out = call("cbir_jax.evaluate", f"checkpoint={run}", f"cache_dir={tmp_path / 'cache'}")
     assert "| mlp |" in out.stdout and "| cosine |" in out.stdout
+    (eval_dir,) = (run / "eval").iterdir()
+    assert (eval_dir / "metrics.json").exists() and (eval_dir / "topk.png").exists()
+    assert out.stdout.strip().splitlines()[-1].startswith(f"outputs: {eval_dir}/ (")
     query = tmp_path / "q.jpg"
     from PIL import Image
     from cbir_jax.data.embedded import _load_photo
 
     Image.fromarray(_load_photo("astronaut")).save(query)
-    out = call("cbir_jax.search", f"checkpoint={run}", f"query={query}", "k=3", f"hydra.run.dir={tmp_path / 's'}", f"cache_dir={tmp_path / 'cache'}")
-    assert "figure:" in out.stdout
+    out = call("cbir_jax.search", f"checkpoint={run}", f"query={query}", "k=3", f"cache_dir={tmp_path / 'cache'}")
+    (search_dir,) = (run / "search").iterdir()
+    assert (search_dir / "search.png").exists() and f"outputs: {search_dir}/ (" in out.stdout
     call("cbir_jax.train", "-m", "head=mlp,cosine", "labels=euclid", f"hydra.sweep.dir={tmp_path / 'sweep'}", *common)
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(jobs) == 2 and all((tmp_path / "sweep" / j / "metrics.json").exists() for j in jobs)

@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cbir_jax.config import BackboneConfig
-from cbir_jax.pooling import POOLINGS, build_pooling, describe, gap, gem, mac, rmac, rmac_regions
-from cbir_jax.registry import UnknownComponentError
+from cbir_jax.core.config import BackboneConfig
+from cbir_jax.backbones.pooling import POOLINGS, build_pooling, describe, gap, gem, mac, rmac, rmac_regions
+from cbir_jax.core.registry import UnknownComponentError
 
 
 def _map(*channels) -> np.ndarray:

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbir_jax import cache
+from cbir_jax.core import cache
 from cbir_jax.backbones import build_backbone
 from cbir_jax.backbones import weights as W
-from cbir_jax.cli import to_typed
+from cbir_jax.runs.cli import to_typed
 from cbir_jax.data import ImageReadError, build_dataset
 from cbir_jax.data import base as data_base
-from cbir_jax.features import cache_path, extract_features
+from cbir_jax.features.extract import cache_path, extract_features
 
 from faults import image_folder, read_only
 from helpers import compose_config
@@ -43,7 +43,7 @@ def test_damaged_feature_cache_is_moved_aside_and_rebuilt(tmp_path, caplog, dama
     root = image_folder(tmp_path / "data")
     first, path = _features(root, tmp_path / "cache")
     damage(path)
-    with caplog.at_level(logging.WARNING, logger="cbir_jax.cache"):
+    with caplog.at_level(logging.WARNING, logger="cbir_jax.core.cache"):
         again, _ = _features(root, tmp_path / "cache")
     np.testing.assert_array_equal(again.features, first.features)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -64,7 +64,7 @@ def test_another_datasets_cache_copied_into_place_is_not_trusted(tmp_path, caplo
     _, small_path = _features(small, tmp_path / "cache")
     _, big_path = _features(big, tmp_path / "cache")
     big_path.write_bytes(small_path.read_bytes())  # a cache file copied over another
-    with caplog.at_level(logging.WARNING, logger="cbir_jax.cache"):
+    with caplog.at_level(logging.WARNING, logger="cbir_jax.core.cache"):
         fs, _ = _features(big, tmp_path / "cache")
     assert len(fs) == 12  # all of the big folder, not the 4 images of the copied file
     assert any("key mismatch" in r.getMessage() for r in caplog.records)
@@ -91,7 +91,7 @@ def test_damaged_weights_cache_is_rebuilt(tmp_path, monkeypatch):
 _BUILDER = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from cbir_jax import cache
+    from cbir_jax.core import cache
 
     def build():
         with open(sys.argv[2], "a") as f:
@@ -116,7 +116,7 @@ def test_concurrent_builders_both_succeed_and_leave_one_file(tmp_path):
 
 def test_read_only_cache_folder_computes_without_caching(tmp_path, caplog):
     root = image_folder(tmp_path / "data")
-    with read_only(tmp_path / "cache") as cache_dir, caplog.at_level(logging.WARNING, logger="cbir_jax.cache"):
+    with read_only(tmp_path / "cache") as cache_dir, caplog.at_level(logging.WARNING, logger="cbir_jax.core.cache"):
         fs, path = _features(root, cache_dir)
     assert len(fs) == 12 and not path.exists()
     assert any("not writable" in r.getMessage() for r in caplog.records)

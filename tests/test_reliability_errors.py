@@ -8,11 +8,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from cbir_jax import cli
-from cbir_jax.cli import run_or_exit, to_typed
+from cbir_jax.runs import cli
+from cbir_jax.runs.cli import run_or_exit, to_typed
 from cbir_jax.data import DataError
-from cbir_jax.errors import ConfigError, UserError
-from cbir_jax.evaluation import check_evaluable
+from cbir_jax.core.errors import ConfigError, UserError
+from cbir_jax.evaluation.retrieval import check_evaluable
 
 from helpers import compose_config
 
@@ -34,13 +34,40 @@ from helpers import compose_config
         ("k=0", "k=0 must be >= 1"),
         ("eval.k=0", "eval.k=0 must be >= 1"),
         ("labels.image_size=4", "labels.ssim_win_size=7 must be <= labels.image_size"),
-        ("train.schedule=linear", "must be one of cosine, constant"),
     ],
 )
 def test_out_of_range_values_fail_at_start_with_one_line(override, message):
     with pytest.raises(ConfigError) as e:
         to_typed(compose_config(override))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, valid",
+    [
+        ("train.schedule=linear", "[cosine, constant]"),
+        ("features.whiten=pcaa", "[none, pca, pca_whiten]"),
+        ("labels.transform=log", "[rank, minmax, none]"),
+        ("data.split.by=folder", "[class, image, none]"),
+        ("eval.select=worst", "[best, last]"),
+        ("eval.tuned_baselines=[dba]", "[alpha_qe, dba_alpha_qe, diffusion]"),
+        ("head.activation=swish", "[relu, gelu, silu, tanh]"),
+    ],
+)
+def test_closed_choices_fail_when_the_config_is_composed(override, valid):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_config(override)
+    assert valid in str(e.value.__cause__)
+
+
+def test_a_bad_choice_stops_the_command_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cbir_jax.train", "features.whiten=pcaa", f"hydra.run.dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "Invalid value 'pcaa', expected one of [none, pca, pca_whiten]" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
 
 
 def test_every_broken_value_is_named_at_once():
@@ -95,7 +122,7 @@ def test_no_evaluable_query_is_one_line():
 _FULL_DISK = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
-    from cbir_jax.files import atomic_write
+    from cbir_jax.core.files import atomic_write
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
     target = Path(sys.argv[1])
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))

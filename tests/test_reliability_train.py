@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from cbir_jax import checkpointing, guards, heads
-from cbir_jax.cli import to_typed
-from cbir_jax.errors import DivergedError
+from cbir_jax.training import checkpointing, guards
+from cbir_jax.scoring import heads
+from cbir_jax.runs.cli import to_typed
+from cbir_jax.core.errors import DivergedError
 
 from faults import image_folder, read_only
 from helpers import FAST, compose_config
@@ -50,7 +51,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_nan_after_checkpoints_keeps_them_good(tmp_path, monkeypatch):
     """NaN targets from the second epoch on (step 9): checkpoints 5 and 8 stay, finite; nothing after."""
-    from cbir_jax import pair_labels
+    from cbir_jax.labels import targets as pair_labels
 
     real = pair_labels.pair_targets
     calls = []

@@ -13,8 +13,9 @@ import pytest
 from cbir_jax.backbones import build_backbone
 from cbir_jax.backbones import resnet as R
 from cbir_jax.backbones.weights import CheckpointMismatchError
-from cbir_jax.config import BackboneConfig
-from cbir_jax.torch_pickle import load_state_dict, save_state_dict
+from cbir_jax.core.config import BackboneConfig
+from cbir_jax.backbones.torch_pickle import load_state_dict
+from torch_writer import save_state_dict
 
 
 def _torchvision_resnet50(seed: int = 0) -> dict[str, np.ndarray]:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cbir_jax import checkpointing, heads, scorers, selection
-from cbir_jax.cli import to_typed
+from cbir_jax.training import checkpointing, selection
+from cbir_jax.scoring import heads, scorer as scorers
+from cbir_jax.runs.cli import to_typed
 from cbir_jax.evaluate import evaluate
 from cbir_jax.train import train
 

@@ -23,7 +23,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
 
-from cbir_jax.cli import to_typed  # noqa: E402
+from cbir_jax.runs.cli import to_typed  # noqa: E402
 from cbir_jax.serve import server  # noqa: E402
 from cbir_jax.serve.app import create_app  # noqa: E402
 from cbir_jax.serve.gallery import prepare_gallery, search_row  # noqa: E402
@@ -245,7 +245,7 @@ def test_an_undeclared_oversized_upload_is_cut_off(site):
 
 
 def test_an_unknown_scorer_fails_before_any_features_load(monkeypatch):
-    from cbir_jax.registry import UnknownComponentError
+    from cbir_jax.core.registry import UnknownComponentError
     from cbir_jax.serve import gallery as gallery_lib
 
     monkeypatch.setattr(gallery_lib, "load_stage", lambda *a, **k: pytest.fail("features loaded first"))
@@ -292,7 +292,8 @@ def test_a_checkpoint_puts_its_head_first_and_ranks_as_the_head_scores(tmp_path)
     import jax.numpy as jnp
     from omegaconf import OmegaConf
 
-    from cbir_jax import checkpointing, heads, scorers
+    from cbir_jax.training import checkpointing
+    from cbir_jax.scoring import heads, scorer as scorers
     from cbir_jax.train import train
 
     run = tmp_path / "run"

@@ -16,7 +16,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[browser]')")
 
-from cbir_jax.cli import to_typed  # noqa: E402
+from cbir_jax.runs.cli import to_typed  # noqa: E402
 from cbir_jax.serve import server  # noqa: E402
 from cbir_jax.serve.app import create_app  # noqa: E402
 from cbir_jax.serve.gallery import prepare_gallery  # noqa: E402

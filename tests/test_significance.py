@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cbir_jax.significance import paired_bootstrap
+from cbir_jax.evaluation.significance import paired_bootstrap
 
 
 def test_a_constant_gain_has_a_zero_width_interval_at_the_gain():

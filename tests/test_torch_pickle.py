@@ -12,7 +12,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cbir_jax import torch_pickle as tp
+from cbir_jax.backbones import torch_pickle as tp
+from torch_writer import save_state_dict
 
 
 def _sample() -> dict[str, np.ndarray]:
@@ -41,7 +42,7 @@ def _assert_same(got: dict, want: dict) -> None:
 @pytest.mark.parametrize("legacy", [False, True])
 def test_round_trip(tmp_path, legacy):
     path = tmp_path / "sd.pth"
-    tp.save_state_dict(_sample(), path, legacy=legacy)
+    save_state_dict(_sample(), path, legacy=legacy)
     assert zipfile.is_zipfile(path) != legacy
     _assert_same(tp.load_state_dict(path), _sample())
 
@@ -185,7 +186,7 @@ def test_against_torch(tmp_path, zip_format):
 
     # And torch reads what we write, in the same format.
     ours = tmp_path / "ours.pth"
-    tp.save_state_dict(_sample(), ours, legacy=not zip_format)
+    save_state_dict(_sample(), ours, legacy=not zip_format)
     back = torch.load(ours)
     for k, v in _sample().items():
         t = back[k].float() if back[k].dtype == torch.bfloat16 else back[k]
@@ -208,7 +209,7 @@ def test_hostile_file_leaves_no_state_for_the_next_load(tmp_path):
     genuine = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)}
     for legacy in (False, True):
         path = tmp_path / f"genuine{legacy}.pth"
-        tp.save_state_dict(genuine, path, legacy=legacy)
+        save_state_dict(genuine, path, legacy=legacy)
         out = tp.load_state_dict(path)
         assert out["w"].dtype == np.float32
         np.testing.assert_array_equal(out["w"], genuine["w"])

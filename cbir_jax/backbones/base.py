@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax.registry import Registry, UnknownComponentError
+from cbir_jax.core.registry import Registry, UnknownComponentError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +57,8 @@ def cnn_backbone(
 
     The forward pass runs the CNN up to `cfg.layer`, then the configured pooling, under one jit.
     """
-    from cbir_jax.imageops import RESIZERS
-    from cbir_jax.pooling import build_pooling, describe
+    from cbir_jax.data.imageops import RESIZERS
+    from cbir_jax.backbones.pooling import build_pooling, describe
 
     layer = cfg.layer or default_layer
     if layer not in layers:

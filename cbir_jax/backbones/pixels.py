@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax.backbones.base import BACKBONES, Backbone
-from cbir_jax.imageops import RESIZERS
+from cbir_jax.data.imageops import RESIZERS
 
 
 @BACKBONES.register("pixels")

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax import torch_pickle
+from cbir_jax.backbones import torch_pickle
 from cbir_jax.backbones import weights as W
 from cbir_jax.backbones.base import BACKBONES, Backbone, cnn_backbone
-from cbir_jax.errors import ConfigError, MissingFileError
-from cbir_jax.imageops import RESIZERS
+from cbir_jax.core.errors import ConfigError, MissingFileError
+from cbir_jax.data.imageops import RESIZERS
 
 # torchvision's ImageNet normalisation, on pixels scaled to [0, 1].
 MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32)

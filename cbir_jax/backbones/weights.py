@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
-from cbir_jax.errors import UserError
+from cbir_jax.core.errors import UserError
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -114,9 +114,9 @@ def cached_params(tag: str, sha: str, convert: Callable[[], dict]) -> dict:
     """Returns `convert()`'s params, stored once as `<cache>/<tag>-<sha>.npz` (keyed by weight-file hash).
 
     `tag` should carry a converter version, so a change in the conversion never reuses stale params.
-    A damaged or mismatched cache file is moved aside and rebuilt rather than trusted (`cbir_jax.cache`).
+    A damaged or mismatched cache file is moved aside and rebuilt rather than trusted (`cbir_jax.core.cache`).
     """
-    from cbir_jax import cache
+    from cbir_jax.core import cache
 
     path = cache_dir() / f"{tag}-{sha[:32]}-c{cache.FORMAT_VERSION}.npz"  # files of older formats are left alone
 

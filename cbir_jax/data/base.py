@@ -12,8 +12,8 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from cbir_jax.errors import UserError
-from cbir_jax.registry import Registry
+from cbir_jax.core.errors import UserError
+from cbir_jax.core.registry import Registry
 
 log = logging.getLogger(__name__)
 

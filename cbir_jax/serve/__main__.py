@@ -11,12 +11,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cbir_jax.cli import run_or_exit
-from cbir_jax.config import CONFIG_DIR
+from cbir_jax.runs.cli import run_or_exit
+from cbir_jax.core.config import CONFIG_DIR
 
 
 def serve(cfg_dict: DictConfig, overridden: frozenset[str]) -> None:
-    from cbir_jax.cli import to_typed
+    from cbir_jax.runs.cli import to_typed
     from cbir_jax.serve import server
     from cbir_jax.serve.app import create_app
     from cbir_jax.serve.gallery import prepare_gallery
@@ -32,7 +32,7 @@ def serve(cfg_dict: DictConfig, overridden: frozenset[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from cbir_jax.evaluate import overridden_keys
+    from cbir_jax.runs.cli import overridden_keys
 
     run_or_exit(lambda: serve(cfg, overridden_keys()))
 

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 
-from cbir_jax.config import ServeConfig
+from cbir_jax.core.config import ServeConfig
 from cbir_jax.data import ImageLoadError
 from cbir_jax.data.base import decode_image
 from cbir_jax.serve.gallery import PreparedGallery, Ranked, image_encoder, search_image, search_row

@@ -23,16 +23,18 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from cbir_jax import heads, postprocess, ranking, scorers
+from cbir_jax.scoring import heads, ranking, scorer as scorers
+from cbir_jax.features import postprocess
 from cbir_jax.backbones import Backbone
-from cbir_jax.checkpointing import CheckpointError
-from cbir_jax.cli import to_typed
-from cbir_jax.config import Config
+from cbir_jax.training.checkpointing import CheckpointError
+from cbir_jax.runs.cli import to_typed
+from cbir_jax.core.config import Config
 from cbir_jax.data import DataError
-from cbir_jax.evaluate import baseline_scorer, load_trained, trained_scorer
-from cbir_jax.features import FeatureSet
-from cbir_jax.pipeline import load_stage
-from cbir_jax.registry import UnknownComponentError
+from cbir_jax.runs.trained import load_trained, trained_scorer
+from cbir_jax.scoring.baselines import baseline_scorer
+from cbir_jax.features.extract import FeatureSet
+from cbir_jax.features.stage import load_stage
+from cbir_jax.core.registry import UnknownComponentError
 
 log = logging.getLogger(__name__)
 THUMB_SIZE = 192

@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from cbir_jax.cli import to_typed
-from cbir_jax.config import CONFIG_DIR
-from cbir_jax.metrics import MetricAccumulator
-from cbir_jax.pipeline import load_stage, postprocessed
+from cbir_jax.runs.cli import to_typed
+from cbir_jax.core.config import CONFIG_DIR
+from cbir_jax.evaluation.metrics import MetricAccumulator
+from cbir_jax.features.stage import load_stage, postprocessed
 
 K, ALPHA, QE_K, QE_ALPHA = 50, 3.0, 15, 1.0
 

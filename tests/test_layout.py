@@ -1,0 +1,102 @@
+"""The package's shape: stages import only downward, entry points import no other entry point, and every
+module imports alone (no cycle hidden by import order)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cbir_jax
+
+PACKAGE = Path(cbir_jax.__file__).parent
+# Lower stages never import higher ones (lazy imports inside functions count too).
+LAYERS = ["core", "data", "backbones", "features", "scoring", "labels", "evaluation", "training", "runs", "api"]
+ENTRY_POINTS = {"train", "evaluate", "search", "diagnose", "report", "index", "serve"}
+
+
+def _modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.walk_packages([str(PACKAGE)], "cbir_jax.") if not m.name.endswith("__main__"))
+
+
+def _imports(module: str) -> set[str]:
+    path = PACKAGE.joinpath(*module.split(".")[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    known = set(_modules()) | {"cbir_jax"}
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cbir_jax"):
+            for alias in node.names:  # `from pkg import module` depends on the module, anything else on pkg
+                sub = f"{node.module}.{alias.name}"
+                out.add(sub if sub in known else node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("cbir_jax"))
+    return out & known
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_stages_import_only_downward() -> None:
+    wrong = []
+    for module in _modules():
+        here = _part(module)
+        for target in _imports(module):
+            there = _part(target)
+            if here in ENTRY_POINTS or not there or there == here:
+                continue
+            if there in ENTRY_POINTS or (here in LAYERS and there in LAYERS and LAYERS.index(there) > LAYERS.index(here)):
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "imports that climb up a stage: " + "; ".join(wrong)
+
+
+def test_entry_points_import_no_other_entry_point() -> None:
+    wrong = [f"{m} -> {t}" for m in _modules() for t in _imports(m)
+             if _part(m) in ENTRY_POINTS and _part(t) in ENTRY_POINTS and _part(t) != _part(m)]
+    assert not wrong, "; ".join(wrong)
+
+
+def test_no_import_cycle() -> None:
+    graph = {m: {t for t in _imports(m) if t != m} for m in _modules()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> list[str] | None:
+        state[m] = 1
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                return path + [m, t]
+            if t not in state and (cycle := visit(t, path + [m])):
+                return cycle
+        state[m] = 2
+        return None
+
+    for m in graph:
+        if m not in state and (cycle := visit(m, [])):
+            raise AssertionError("import cycle: " + " -> ".join(cycle[cycle.index(cycle[-1]):]))
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter() -> None:
+    """One fresh interpreter; before each module, every cbir_jax module is forgotten, so each is imported
+    first, as a user's script would."""
+    script = (
+        "import importlib, json, sys\n"
+        "failed = {}\n"
+        f"for name in {_modules()!r}:\n"
+        "    for m in [m for m in sys.modules if m == 'cbir_jax' or m.startswith('cbir_jax.')]:\n"
+        "        del sys.modules[m]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as e:\n"
+        "        failed[name] = repr(e)\n"
+        "print(json.dumps(failed))\n"
+    )
+    optional = {"cbir_jax.serve.app", "cbir_jax.serve.server"}  # need the [serve] extra
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    failed = json.loads(out.stdout.strip().splitlines()[-1])
+    missing_extra = {m for m, e in failed.items() if m in optional and "ModuleNotFoundError" in e}
+    assert not {m: e for m, e in failed.items() if m not in missing_extra}
