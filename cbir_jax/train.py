@@ -6,13 +6,15 @@ beside the fixed metrics on the held-out images. Everything goes into the run fo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from cbir_jax.core.config import CONFIG_DIR, Config
-from cbir_jax.evaluation.runner import evaluate_stage, verdict
+from cbir_jax.core.files import atomic_write_text
+from cbir_jax.evaluation.runner import evaluate_stage, validation_metrics, verdict
 from cbir_jax.features.stage import load_stage
 from cbir_jax.runs.cli import print_outputs, run_dir, run_or_exit, to_typed
 from cbir_jax.training.diagnosis import run_diagnostics
@@ -31,6 +33,11 @@ def train(cfg: Config, out_dir: Path) -> dict[str, dict[str, float]]:
     note = verdict(results, cfg.head.name)
     if note:
         print(note, flush=True)
+    if len(stage.split.val) and stage.features.labels is not None:
+        # What a hyper-parameter search may choose by (`optimized_metric=val_map_at_r`): never the held-out rows.
+        val = {f"val_{k}": v for k, v in validation_metrics(cfg, stage, scorer).items()}
+        atomic_write_text(out_dir / "validation.json", json.dumps({cfg.head.name: val}, indent=2))
+        results[cfg.head.name] = {**results[cfg.head.name], **val}
     return results
 
 
@@ -39,7 +46,7 @@ def main(cfg: DictConfig) -> float | None:
     out_dir = run_dir()
     results = run_or_exit(lambda: train(to_typed(cfg), out_dir))
     print_outputs(out_dir)
-    # The value a Hydra sweeper optimises (`optimized_metric`): the trained scorer's, on held-out images.
+    # The value a Hydra sweeper optimises (`optimized_metric`): the trained scorer's; `val_*` on validation rows.
     return results.get(cfg.head.name, {}).get(cfg.optimized_metric) if results else None
 
 

@@ -70,6 +70,16 @@ def evaluate_stage(
     return results
 
 
+def validation_metrics(cfg: Config, stage: Stage, scorer: Scorer) -> dict[str, float]:
+    """The scorer's leave-one-out metrics on the split's validation rows, post-processed as a gallery of their
+    own (as training's model selection sees them)."""
+    fs, rows = stage.features, stage.split.val
+    x = postprocess.apply(postprocess.fit(cfg.features, fs.features[rows]), fs.features[rows])
+    y = fs.labels[rows]
+    return evaluate_scorer(scorer, x, x, y, y, np.arange(len(rows)), query_chunk=min(cfg.eval.query_chunk, len(rows)),
+                           gallery_chunk=cfg.eval.gallery_chunk)
+
+
 def _figure(cfg, stage, all_scorers, queries, gallery, labels, path: Path) -> None:
     """Top-k of the first query under each scorer, side by side (the seed's figure, for every scorer)."""
     fs, split = stage.features, stage.split
