@@ -19,7 +19,7 @@ from cbir_jax.data import DataError
 from cbir_jax.evaluation import figures, tuning
 from cbir_jax.evaluation.retrieval import check_evaluable, evaluate_scorer, format_table
 from cbir_jax.features import postprocess
-from cbir_jax.features.stage import Stage
+from cbir_jax.features.stage import Stage, as_gallery
 from cbir_jax.scoring import ranking
 from cbir_jax.scoring.baselines import baseline_scorer
 from cbir_jax.scoring.scorer import Scorer
@@ -45,7 +45,7 @@ def evaluate_stage(
     if cfg.eval.tuned_baselines:
         if len(split.val) == 0:
             raise DataError("eval.tuned_baselines needs validation rows: set data.split.val_fraction > 0")
-        val = postprocess.apply(postprocess.fit(cfg.features, fs.features[split.val]), fs.features[split.val])
+        val = as_gallery(cfg, fs.features[split.val])
         for name in cfg.eval.tuned_baselines:
             scorer = tuning.tuned_scorer(name, val, labels[split.val], cfg.cache_dir)
             all_scorers[scorer.name] = scorer
@@ -74,7 +74,7 @@ def validation_metrics(cfg: Config, stage: Stage, scorer: Scorer) -> dict[str, f
     """The scorer's leave-one-out metrics on the split's validation rows, post-processed as a gallery of their
     own (as training's model selection sees them)."""
     fs, rows = stage.features, stage.split.val
-    x = postprocess.apply(postprocess.fit(cfg.features, fs.features[rows]), fs.features[rows])
+    x = as_gallery(cfg, fs.features[rows])
     y = fs.labels[rows]
     return evaluate_scorer(scorer, x, x, y, y, np.arange(len(rows)), query_chunk=min(cfg.eval.query_chunk, len(rows)),
                            gallery_chunk=cfg.eval.gallery_chunk)

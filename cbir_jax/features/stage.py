@@ -51,6 +51,12 @@ def _as_split(split_cfg):
     return SplitConfig(**{f.name: getattr(split_cfg, f.name) for f in dataclasses.fields(SplitConfig)})
 
 
+def as_gallery(cfg, features: np.ndarray) -> np.ndarray:
+    """Features post-processed as a gallery of their own (fitted on themselves): how training, validation
+    and diagnostics see a set of rows, and what evaluation does with its gallery."""
+    return postprocessed(cfg, features, fit_on=features)
+
+
 def postprocessed(cfg, features: np.ndarray, fit_on: np.ndarray) -> np.ndarray:
     """Applies the post-processing fitted on `fit_on` (the gallery being searched) to `features`."""
     return postprocess.apply(postprocess.fit(cfg.features, fit_on), features)

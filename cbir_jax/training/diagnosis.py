@@ -21,7 +21,7 @@ from cbir_jax.scoring.compose import head_scorer
 from cbir_jax.labels import targets as pair_labels
 from cbir_jax.training import pairs, loop as trainer
 from cbir_jax.core.config import Config
-from cbir_jax.features.stage import Stage, postprocessed
+from cbir_jax.features.stage import Stage, as_gallery
 
 log = logging.getLogger(__name__)
 FRESH_EPOCH = 2**31 - 1  # a pair draw no training epoch uses
@@ -63,8 +63,8 @@ def run_diagnostics(cfg: Config, stage: Stage, learned: dict[str, tuple[Any, Any
     labels = fs.labels
     train_rows = split.train
     held_rows = np.unique(np.concatenate([split.query, split.gallery]))
-    x_train = postprocessed(cfg, fs.features[train_rows], fit_on=fs.features[train_rows])
-    x_held = postprocessed(cfg, fs.features[held_rows], fit_on=fs.features[held_rows])
+    x_train = as_gallery(cfg, fs.features[train_rows])
+    x_held = as_gallery(cfg, fs.features[held_rows])
     ctx_train, ctx_held = _context(cfg, stage, train_rows, x_train), _context(cfg, stage, held_rows, x_held)
 
     i, j, t = _pairs(cfg, ctx_train, 0)

@@ -12,7 +12,7 @@ import numpy as np
 from cbir_jax.core.config import Config
 from cbir_jax.data import DataError
 from cbir_jax.evaluation import tuning
-from cbir_jax.features.stage import Stage, postprocessed
+from cbir_jax.features.stage import Stage, as_gallery
 from cbir_jax.labels import targets
 from cbir_jax.scoring import heads, learned_rerank
 from cbir_jax.scoring.compose import head_scorer
@@ -47,7 +47,7 @@ def _train_pair_head(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Pa
 
 def _train_reranker(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Path) -> tuple[Scorer, dict, dict]:
     fs, split = stage.features, stage.split
-    val_x = postprocessed(cfg, fs.features[split.val], fit_on=fs.features[split.val]) if len(split.val) else train_x[:0]
+    val_x = as_gallery(cfg, fs.features[split.val]) if len(split.val) else train_x[:0]
     val_y = fs.labels[split.val] if len(split.val) else None
     if cfg.head.reranker.base == "tuned":
         if val_y is None:
@@ -72,7 +72,7 @@ def fit(cfg: Config, stage: Stage, out_dir: Path) -> tuple[Scorer, dict[str, tup
     """Trains the scorer `cfg.head` names on the stage's training rows; writes `model.json` last (a finished
     run). Returns the scorer and the heads the diagnostics can read."""
     raw_train = stage.features.features[stage.split.train]
-    train_x = postprocessed(cfg, raw_train, fit_on=raw_train)
+    train_x = as_gallery(cfg, raw_train)
     scorer, extra, diagnosable = TRAINERS.get(cfg.head.name, _train_pair_head)(cfg, stage, train_x, out_dir)
     checkpointing.write_model_info(
         out_dir,

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from cbir_jax.features.stage import as_gallery
 from cbir_jax.training import checkpointing
 from cbir_jax.evaluation.retrieval import evaluate_scorer
 from cbir_jax.scoring.compose import head_scorer
@@ -131,14 +132,12 @@ def describe(sel: Selection, base: Optional[str] = None) -> str:
 def make_keeper(cfg, stage, head, out_dir: Path) -> Optional[BestKeeper]:
     """A BestKeeper over the split's validation rows (post-processed as a gallery of their own, as evaluation
     does), or None where the split has none."""
-    from cbir_jax.features.stage import postprocessed
-
     fs, rows = stage.features, stage.split.val
     if not len(rows):
         if cfg.train.patience is not None:
             raise ValueError("train.patience needs validation rows: set data.split.val_fraction > 0")
         return None
-    validator = Validator(postprocessed(cfg, fs.features[rows], fit_on=fs.features[rows]), fs.labels[rows])
+    validator = Validator(as_gallery(cfg, fs.features[rows]), fs.labels[rows])
     return BestKeeper(out_dir, validator, lambda p: head_scorer(cfg.head, head, p))
 
 
