@@ -22,32 +22,37 @@ from cbir_jax.training.fit import fit
 
 
 def train(cfg: Config, out_dir: Path) -> dict[str, dict[str, float]]:
-    """Trains and (if `train.evaluate`) evaluates; returns {scorer: {metric: value}} or {}."""
+    """Trains and (if `train.evaluate`) evaluates; returns {scorer: {metric: value}} (metrics.json) or {}."""
+    return train_and_validate(cfg, out_dir)[0]
+
+
+def train_and_validate(cfg: Config, out_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """`train`, plus the trained scorer's metrics on the validation rows (validation.json; {} without any):
+    what a hyper-parameter search may choose by (`optimized_metric=val_*`), never the held-out rows."""
     stage = load_stage(cfg)
     scorer, diagnosable = fit(cfg, stage, out_dir)
     if cfg.train.diagnose:
         run_diagnostics(cfg, stage, diagnosable, out_dir)
     if not cfg.train.evaluate:
-        return {}
+        return {}, {}
     results = evaluate_stage(cfg, stage, {cfg.head.name: scorer}, out_dir)
     note = verdict(results, cfg.head.name)
     if note:
         print(note, flush=True)
+    validation = {}
     if len(stage.split.val) and stage.features.labels is not None:
-        # What a hyper-parameter search may choose by (`optimized_metric=val_map_at_r`): never the held-out rows.
-        val = {f"val_{k}": v for k, v in validation_metrics(cfg, stage, scorer).items()}
-        atomic_write_text(out_dir / "validation.json", json.dumps({cfg.head.name: val}, indent=2))
-        results[cfg.head.name] = {**results[cfg.head.name], **val}
-    return results
+        validation = {f"val_{k}": v for k, v in validation_metrics(cfg, stage, scorer).items()}
+        atomic_write_text(out_dir / "validation.json", json.dumps({cfg.head.name: validation}, indent=2))
+    return results, validation
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     out_dir = run_dir()
-    results = run_or_exit(lambda: train(to_typed(cfg), out_dir))
+    results, validation = run_or_exit(lambda: train_and_validate(to_typed(cfg), out_dir))
     print_outputs(out_dir)
     # The value a Hydra sweeper optimises (`optimized_metric`): the trained scorer's; `val_*` on validation rows.
-    return results.get(cfg.head.name, {}).get(cfg.optimized_metric) if results else None
+    return {**results.get(cfg.head.name, {}), **validation}.get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,14 @@ def test_train_and_evaluate_on_real_categories(tmp_path, caltech_dev):
     assert results["mlp"]["queries"] == 25 * 6  # half of the 50 categories held out, 6 images each
     # Raw pixels of different categories: far from perfect, far from nothing.
     assert 0.05 < results["cosine"]["map_at_r"] < 0.5
+
+
+def test_evaluate_draws_the_figure_with_a_reranker_among_the_baselines(tmp_path):
+    """The figure ranks with every scorer, re-rankers (which need the whole gallery) included."""
+    cfg = compose_config("eval.baselines=[cosine,dba_alpha_qe,diffusion]", "eval.figure=true", "eval.k=5")
+    results = evaluate(cfg, tmp_path)
+    assert set(results) == {"cosine", "dba_alpha_qe", "diffusion"}
+    from PIL import Image
+
+    with Image.open(tmp_path / "topk.png") as figure:
+        assert figure.size[0] > 5 * 32 and figure.size[1] > 3 * 32  # a row per scorer, k columns

@@ -36,9 +36,10 @@ class Backbone:
 BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
 
 
-def build_backbone(cfg) -> Backbone:
-    """Builds the backbone named by `cfg.name` (a BackboneConfig)."""
-    return BACKBONES.get(cfg.name)(cfg)
+def build_backbone(cfg, cache_dir: str | None = None) -> Backbone:
+    """Builds the backbone named by `cfg.name` (a BackboneConfig); converted weights are cached in `cache_dir`
+    (the config's `cache_dir`; None: its default)."""
+    return BACKBONES.get(cfg.name)(cfg, cache_dir=cache_dir)
 
 
 def cnn_backbone(

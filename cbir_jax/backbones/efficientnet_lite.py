@@ -157,11 +157,11 @@ def _param_shapes() -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def load_params(weights: str | None = None) -> dict:
+def load_params(weights: str | None = None, cache_dir: str | None = None) -> dict:
     """Flax params (numpy) for the checkpoint at `weights` (default: the packaged one), cached on disk."""
     path = weights or default_weights_path()
     sha = W.sha256_file(path)
-    params = W.cached_params(CONVERTER, sha, lambda: convert_state_dict(torch_pickle.load_state_dict(path), path))
+    params = W.cached_params(CONVERTER, sha, lambda: convert_state_dict(torch_pickle.load_state_dict(path), path), cache_dir)
     W.check_shapes(params, _param_shapes(), f"cached params for {path}")
     return params
 
@@ -183,10 +183,10 @@ def logits(batch: jax.Array, weights: str | None = None) -> jax.Array:
 
 
 @BACKBONES.register("efficientnet_lite0")
-def build(cfg) -> Backbone:
+def build(cfg, cache_dir: str | None = None) -> Backbone:
     path = cfg.weights or default_weights_path()
     return cnn_backbone(
         cfg, name="efficientnet_lite0", module=EfficientNetLite0, layers=LAYERS, default_layer="head",
-        params=load_params(path), weights_sha=W.sha256_file(path)[:16], preprocess=preprocess,
+        params=load_params(path, cache_dir), weights_sha=W.sha256_file(path)[:16], preprocess=preprocess,
         normalisation="in127",
     )

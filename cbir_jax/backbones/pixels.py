@@ -11,7 +11,8 @@ from cbir_jax.data.imageops import RESIZERS
 
 
 @BACKBONES.register("pixels")
-def build(cfg) -> Backbone:
+def build(cfg, cache_dir: str | None = None) -> Backbone:
+    del cache_dir  # no weights
     size = int(cfg.image_size)
     resize = RESIZERS[cfg.resize]
 

@@ -99,11 +99,11 @@ def check_weights_path(weights: str | None) -> str:
     return weights
 
 
-def load_params(weights: str | None) -> dict:
+def load_params(weights: str | None, cache_dir: str | None = None) -> dict:
     """Flax params (numpy) for a torchvision ResNet-50 state dict, converted once and cached on disk."""
     path = check_weights_path(weights)
     sha = W.sha256_file(path)
-    params = W.cached_params(CONVERTER, sha, lambda: convert_state_dict(torch_pickle.load_state_dict(path), path))
+    params = W.cached_params(CONVERTER, sha, lambda: convert_state_dict(torch_pickle.load_state_dict(path), path), cache_dir)
     W.check_shapes(params, _param_shapes(), f"cached params for {path}")
     return params
 
@@ -120,10 +120,10 @@ def apply(params: dict, batch: jax.Array, output: str = "layer4") -> jax.Array:
 
 
 @BACKBONES.register("resnet50")
-def build(cfg) -> Backbone:
+def build(cfg, cache_dir: str | None = None) -> Backbone:
     path = check_weights_path(cfg.weights)
     return cnn_backbone(
         cfg, name="resnet50", module=ResNet50, layers=LAYERS, default_layer="layer4",
-        params=load_params(path), weights_sha=W.sha256_file(path)[:16], preprocess=preprocess,
+        params=load_params(path, cache_dir), weights_sha=W.sha256_file(path)[:16], preprocess=preprocess,
         normalisation="imagenet",
     )

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from cbir_jax.core.config import default_cache_dir
 from cbir_jax.core.errors import UserError
 
 
@@ -105,20 +106,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def cache_dir() -> Path:
-    """Where converted params are kept: $CBIR_JAX_CACHE, else ~/.cache/cbir_jax."""
-    return Path(os.environ.get("CBIR_JAX_CACHE") or Path.home() / ".cache" / "cbir_jax")
-
-
-def cached_params(tag: str, sha: str, convert: Callable[[], dict]) -> dict:
-    """Returns `convert()`'s params, stored once as `<cache>/<tag>-<sha>.npz` (keyed by weight-file hash).
+def cached_params(tag: str, sha: str, convert: Callable[[], dict], cache_dir: str | None = None) -> dict:
+    """Returns `convert()`'s params, stored once as `<cache_dir>/<tag>-<sha>.npz` (keyed by weight-file hash;
+    `cache_dir` defaults to the config's, `core.config.default_cache_dir`).
 
     `tag` should carry a converter version, so a change in the conversion never reuses stale params.
     A damaged or mismatched cache file is moved aside and rebuilt rather than trusted (`cbir_jax.core.cache`).
     """
     from cbir_jax.core import cache
 
-    path = cache_dir() / f"{tag}-{sha[:32]}-c{cache.FORMAT_VERSION}.npz"  # files of older formats are left alone
+    path = Path(os.path.expanduser(cache_dir or default_cache_dir())) / f"{tag}-{sha[:32]}-c{cache.FORMAT_VERSION}.npz"  # files of older formats are left alone
 
     def build() -> dict[str, np.ndarray]:
         return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(convert()).items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -232,7 +233,8 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
     seed: int = 0
-    cache_dir: str = ".cache/cbir_jax"
+    # Features, converted weights and tuning results; `$CBIR_JAX_CACHE` or ~/.cache/cbir_jax unless set.
+    cache_dir: str = "${cbir_jax.default_cache_dir:}"
     # evaluate / search: a training run directory whose checkpoint and saved config are used.
     checkpoint: Optional[str] = None
     query: Optional[str] = None
@@ -240,6 +242,11 @@ class Config:
     # The metric `train` returns for a Hydra sweeper to optimise (hparams_search/): the trained scorer's value.
     optimized_metric: str = "map_at_r"
     experiment: Any = None
+
+
+def default_cache_dir() -> str:
+    """The one place the cache folder's default is decided (the schema's `cache_dir` resolves to it)."""
+    return os.environ.get("CBIR_JAX_CACHE") or "~/.cache/cbir_jax"
 
 
 # Where a command reading a trained run writes: under that run, so its evaluations and searches stay with it.
@@ -258,6 +265,7 @@ def register_configs() -> None:
     """Registers the schema that `configs/config.yaml` extends, and the resolver its run folder uses."""
     ConfigStore.instance().store(name="config_schema", node=Config)
     OmegaConf.register_new_resolver("cbir_jax.run_dir", run_dir_for, replace=True)
+    OmegaConf.register_new_resolver("cbir_jax.default_cache_dir", default_cache_dir, replace=True)
 
 
 register_configs()

@@ -26,7 +26,7 @@ class Stage:
 def load_stage(cfg, *, split_by: str | None = None) -> Stage:
     """Builds dataset and backbone, extracts (or loads cached) features and splits them."""
     dataset = build_dataset(cfg.data)
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone, cfg.cache_dir)
     features = extract_features(
         dataset,
         backbone,
