@@ -155,7 +155,7 @@ class HeadConfig:
     # mlp: all weights >= 0, output negated, so a larger (q - g)^2 never raises the score (relu or tanh).
     monotone: bool = False
     # CSLS hubness correction: subtract each gallery item's mean similarity to its csls_k nearest gallery
-    # neighbours (0: off). Applies to whatever the head scores (cbir_jax/hubness.py).
+    # neighbours (0: off). Applies to whatever the head scores (cbir_jax/scoring/hubness.py).
     csls_k: int = 0
 
 
