@@ -9,3 +9,22 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 __version__ = "0.1.0"
+
+# The public API, imported on first use (PEP 562): `import cbir_jax.core.errors` (which every stage does)
+# must not pull in JAX, Flax and the whole pipeline, nor create an import cycle through the API.
+_LAZY = {"Index": "cbir_jax.api.index", "load_run": "cbir_jax.runs.trained", "Run": "cbir_jax.runs.trained"}
+__all__ = ["Index", "Run", "load_run", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cbir_jax' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

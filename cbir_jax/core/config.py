@@ -10,12 +10,15 @@ import dataclasses
 import enum
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from cbir_jax.core.registry import UnknownComponentError
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+T = TypeVar("T")
 
 
 def choice(name: str, *values: str) -> type[enum.StrEnum]:
@@ -239,6 +242,10 @@ class Config:
     checkpoint: Optional[str] = None
     query: Optional[str] = None
     k: int = 10
+    # index: the file a persistent index is written to (cbir_jax/api/store.py).
+    out: Optional[str] = None
+    # search: a saved index to rank against instead of extracting the gallery (`data` is not read).
+    index: Optional[str] = None
     # The metric `train` returns for a Hydra sweeper to optimise (hparams_search/): the trained scorer's value.
     optimized_metric: str = "map_at_r"
     experiment: Any = None
@@ -250,7 +257,7 @@ def default_cache_dir() -> str:
 
 
 # Where a command reading a trained run writes: under that run, so its evaluations and searches stay with it.
-RUN_SUBDIRS = {"evaluate": "eval", "search": "search", "diagnose": "diagnose"}
+RUN_SUBDIRS = {"evaluate": "eval", "search": "search", "diagnose": "diagnose", "index": "index"}
 
 
 def run_dir_for(job: str, checkpoint: Optional[str], stamp: str) -> str:
@@ -259,6 +266,17 @@ def run_dir_for(job: str, checkpoint: Optional[str], stamp: str) -> str:
     if checkpoint and job in RUN_SUBDIRS:
         return str(Path(checkpoint) / RUN_SUBDIRS[job] / stamp.replace("/", "_"))
     return f"outputs/runs/{stamp}"
+
+
+def preset(group: str, name: str, schema: type[T]) -> T:
+    """The typed config that `group=name` on a command line composes (`configs/<group>/<name>.yaml` over
+    the schema's defaults), for Python callers that never compose a Hydra config (the `cbir_jax.Index` API).
+    """
+    options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+    if name not in options:
+        raise UnknownComponentError(f"unknown {group} {name!r}; valid: {', '.join(options)}")
+    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(Path(CONFIG_DIR) / group / f"{name}.yaml"))
+    return OmegaConf.to_object(merged)
 
 
 def register_configs() -> None:

@@ -103,10 +103,15 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return to_rgb_uint8(_upright(image))
+            return pil_to_rgb(image)
     except Exception as e:  # noqa: BLE001  (see the docstring)
         message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")
         raise ImageLoadError(message.splitlines()[0][:200]) from None  # PIL names the in-memory buffer
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A decoded PIL image as every source loads one: upright, uint8 RGB."""
+    return to_rgb_uint8(_upright(image))
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -69,11 +69,16 @@ def cache_path(cache_dir: str, dataset: ImageDataset, backbone: Backbone, thumb_
     return Path(os.path.expanduser(cache_dir)) / "features" / f"{backbone.name}-{key}.npz"
 
 
-def _extract(dataset: ImageDataset, backbone: Backbone, thumb_size: int, batch_size: int) -> dict[str, np.ndarray]:
-    feats, thumbs, keep, skipped, unread = [], [], [], [], []
+def forward_batches(backbone: Backbone, images: Iterable[np.ndarray], batch_size: int) -> np.ndarray:
+    """Backbone features (N, D) float32 of uint8 HxWx3 images, `batch_size` at a time.
+
+    `images` may be a generator (a folder is decoded as it is read, never held whole in memory). Every batch
+    is padded to `batch_size` rows, so the jitted forward pass compiles for one shape only.
+    """
+    feats: list[np.ndarray] = []
     batch: list[np.ndarray] = []
 
-    def flush():
+    def flush() -> None:
         if not batch:
             return
         n = len(batch)
@@ -81,20 +86,30 @@ def _extract(dataset: ImageDataset, backbone: Backbone, thumb_size: int, batch_s
         feats.append(np.asarray(backbone.forward(jnp.asarray(x)))[:n])
         batch.clear()
 
-    for i in tqdm(range(len(dataset)), desc=f"features ({backbone.name})", unit="img", mininterval=2.0):
-        try:
-            image = dataset.load(i)
-        except ImageLoadError as e:
-            log.warning("skipped %s: %s", dataset.ids[i], e)
-            (unread if isinstance(e, ImageReadError) else skipped).append((dataset.ids[i], str(e)))
-            continue
-        keep.append(i)
-        thumbs.append(resize_square(image, thumb_size))
+    for image in images:
         batch.append(backbone.preprocess(image))
         if len(batch) == batch_size:
             flush()
     flush()
-    features = np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, backbone.feature_dim), np.float32)
+    return np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, backbone.feature_dim), np.float32)
+
+
+def _extract(dataset: ImageDataset, backbone: Backbone, thumb_size: int, batch_size: int) -> dict[str, np.ndarray]:
+    thumbs, keep, skipped, unread = [], [], [], []
+
+    def decoded() -> Iterator[np.ndarray]:
+        for i in tqdm(range(len(dataset)), desc=f"features ({backbone.name})", unit="img", mininterval=2.0):
+            try:
+                image = dataset.load(i)
+            except ImageLoadError as e:
+                log.warning("skipped %s: %s", dataset.ids[i], e)
+                (unread if isinstance(e, ImageReadError) else skipped).append((dataset.ids[i], str(e)))
+                continue
+            keep.append(i)
+            thumbs.append(resize_square(image, thumb_size))
+            yield image
+
+    features = forward_batches(backbone, decoded(), batch_size)
     thumbnails = np.stack(thumbs) if thumbs else np.zeros((0, thumb_size, thumb_size, 3), np.uint8)
     return {
         "keep": np.asarray(keep, np.int64), "features": features, "thumbnails": thumbnails,

@@ -30,6 +30,7 @@ METRICS_LOG = "metrics.jsonl"
 RESUME_MAY_CHANGE = (
     "train.resume", "train.epochs", "train.log_every", "train.checkpoint_every", "train.max_to_keep",
     "train.evaluate", "eval", "cache_dir", "checkpoint", "query", "k", "experiment", "optimized_metric",
+    "out", "index",
 )
 
 
