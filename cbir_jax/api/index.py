@@ -32,8 +32,9 @@ from PIL import Image
 from cbir_jax.api import faiss_export, store
 from cbir_jax.api.store import IndexFileError, Stored
 from cbir_jax.backbones import Backbone, build_backbone
-from cbir_jax.backbones.weights import cache_dir as default_cache_dir
-from cbir_jax.core.config import BackboneConfig, DataConfig, EvalConfig, FeaturesConfig, LabelsConfig, preset
+from cbir_jax.core.config import (
+    BackboneConfig, DataConfig, EvalConfig, FeaturesConfig, LabelsConfig, default_cache_dir, preset,
+)
 from cbir_jax.core.errors import UserError
 from cbir_jax.core.registry import UnknownComponentError
 from cbir_jax.data import ImageDataset, ImageLoadError, build_dataset
@@ -152,15 +153,15 @@ class Index:
         `$CBIR_JAX_CACHE` or `~/.cache/cbir_jax`), so building the same folder again costs no forward pass.
         """
         run = backbone if isinstance(backbone, Run) else None
+        cache_dir = cache_dir or (run.config.cache_dir if run is not None else default_cache_dir())
         if run is not None:
             backbone_cfg, net = run.config.backbone, run.backbone
         else:
             backbone_cfg = preset("backbone", backbone, BackboneConfig) if isinstance(backbone, str) else backbone
-            net = build_backbone(backbone_cfg)
+            net = build_backbone(backbone_cfg, cache_dir)
         features = features or (run.config.features if run is not None else FeaturesConfig())
         chosen = _choose_scorer(scorer, run)  # before extraction: a wrong name fails at once
         dataset = build_dataset(DataConfig(name="folder", root=str(folder)))
-        cache_dir = cache_dir or (run.config.cache_dir if run is not None else str(default_cache_dir()))
         fs = extract_features(dataset, net, thumb_size=LabelsConfig.image_size, cache_dir=cache_dir,
                               batch_size=batch_size or backbone_cfg.batch_size, use_cache=features.cache)
         data = Stored(

@@ -15,8 +15,7 @@ import jax
 from omegaconf import DictConfig, OmegaConf
 
 from cbir_jax.backbones import Backbone, build_backbone
-from cbir_jax.backbones.weights import cache_dir as default_cache_dir
-from cbir_jax.core.config import Config, Select
+from cbir_jax.core.config import Config, Select, default_cache_dir
 from cbir_jax.core.config_checks import validate
 from cbir_jax.features.stage import Stage
 from cbir_jax.scoring import heads
@@ -103,8 +102,8 @@ def load_run(path: str | os.PathLike, *, select: str = "best", cache_dir: str | 
     `last`. A folder that is not a finished run, or a checkpoint that does not fit, is a one-line error.
     """
     run = Path(path)
-    now = OmegaConf.structured(Config(checkpoint=str(run), cache_dir=cache_dir or str(default_cache_dir())))
+    now = OmegaConf.structured(Config(checkpoint=str(run), cache_dir=cache_dir or default_cache_dir()))
     now.eval.select = Select(select)
     cfg, info = load_trained(run, now)
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone, cfg.cache_dir)
     return Run(path=run, config=cfg, info=info, backbone=backbone, scorer=trained_scorer(cfg, run, info, backbone))
