@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,16 @@ ENTRY_POINTS = {"train", "evaluate", "search", "diagnose", "report", "index", "s
 
 
 def _modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.walk_packages([str(PACKAGE)], "cbir_jax.") if not m.name.endswith("__main__"))
+    """Every module under the package, read from the files: the stage folders without `__init__.py` are
+    namespace packages, which `pkgutil.walk_packages` does not enter."""
+    names = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("cbir_jax", *path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts[-1] != "__main__" and len(parts) > 1:
+            names.append(".".join(parts))
+    return sorted(names)
 
 
 def _imports(module: str) -> set[str]:
