@@ -11,6 +11,10 @@ trained head (its `eval.select` checkpoint) on the run's own split:
 
 Writes `diagnostics.json` and `diagnostics.png` (into `RUN/diagnose/<time>/` with a checkpoint).
 `train.diagnose=true` runs the same at the end of training (what the `diagnostics` study tabulates).
+
+Examples:
+  python -m cbir_jax.diagnose labels=ssim_ratio                     # the label heuristic, before training
+  python -m cbir_jax.diagnose checkpoint=outputs/runs/<date>/<time>  # and that run's head
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 Compares the trained scorer (if a checkpoint is given) with the fixed metrics and re-rankers on the same
 queries and gallery; prints one table and writes `metrics.json` ({scorer: {metric: value}}), `metrics.md`,
 `per_query.npz` and `topk.png` under `RUN_DIR/eval/<time>/` (without a checkpoint: `outputs/runs/<time>/`).
+
+Examples:
+  python -m cbir_jax.evaluate checkpoint=outputs/runs/<date>/<time>                  # its held-out split
+  python -m cbir_jax.evaluate checkpoint=outputs/runs/<date>/<time> eval.select=last  # the last checkpoint
+  python -m cbir_jax.evaluate checkpoint=outputs/runs/<date>/<time> data=folder data.root=DIR
+  python -m cbir_jax.evaluate data=folder data.root=DIR                               # fixed metrics alone
 """
 
 from __future__ import annotations

@@ -1,7 +1,16 @@
 """`python -m cbir_jax.train head=mlp labels=ssim_ratio` — the main job.
 
 Extracts (or loads cached) features, trains the scorer `head` names, checkpoints it, then evaluates it
-beside the fixed metrics on the held-out images. Everything goes into the run folder it prints at the end.
+beside the fixed metrics on the held-out images. Everything goes into the run folder it prints at the end
+(`outputs/runs/<date>/<time>/`): checkpoints, metrics.jsonl, curves.png, tensorboard/, metrics.md.
+
+Examples:
+  python -m cbir_jax.train head=mlp labels=ssim_ratio
+  python -m cbir_jax.train head=cosine_residual data=folder data.root=DIR train.epochs=20
+  python -m cbir_jax.train experiment=best_learned data=folder data.root=DIR
+  python -m cbir_jax.train -m head=mlp,simnet seed=0,1,2    # a sweep, one job each: outputs/multirun/
+  python -m cbir_jax.train head=mlp labels=ssim_ratio train.resume=true hydra.run.dir=outputs/runs/<date>/<time>
+  tensorboard --logdir outputs/                               # the runs' curves, live
 """
 
 from __future__ import annotations

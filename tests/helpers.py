@@ -1,4 +1,7 @@
-"""Composing configs the way the entry points do, for tests."""
+"""Composing configs the way the entry points do, and a run as a kill would leave it, for tests."""
+
+import shutil
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -24,3 +27,13 @@ FAST = [
 def compose_config(*overrides: str, fast: bool = True) -> DictConfig:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("config", overrides=(FAST if fast else []) + list(overrides))
+
+
+def killed_copy(full: Path, killed: Path, checkpoint: int, records: int, cut: int = 0) -> None:
+    """`killed`: the finished run `full` as a kill would have left it, with `checkpoint` its last checkpoint
+    and `records` lines of metrics.jsonl (then `cut` characters of the next: a line cut off mid-write)."""
+    killed.mkdir()
+    shutil.copytree(full / ".hydra", killed / ".hydra")
+    shutil.copytree(full / "checkpoints" / str(checkpoint), killed / "checkpoints" / str(checkpoint))
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text("\n".join(lines[:records]) + "\n" + lines[records][:cut])

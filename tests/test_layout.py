@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,16 @@ ENTRY_POINTS = {"train", "evaluate", "search", "diagnose", "report", "index", "s
 
 
 def _modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.walk_packages([str(PACKAGE)], "cbir_jax.") if not m.name.endswith("__main__"))
+    """Every module under the package, read from the files (not from `pkgutil`, which would skip a folder
+    that lost its `__init__.py`)."""
+    names = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("cbir_jax", *path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts[-1] != "__main__" and len(parts) > 1:
+            names.append(".".join(parts))
+    return sorted(names)
 
 
 def _imports(module: str) -> set[str]:
@@ -100,3 +108,11 @@ def test_every_module_imports_alone_in_a_fresh_interpreter() -> None:
     failed = json.loads(out.stdout.strip().splitlines()[-1])
     missing_extra = {m for m, e in failed.items() if m in optional and "ModuleNotFoundError" in e}
     assert not {m: e for m, e in failed.items() if m not in missing_extra}
+
+
+def test_every_folder_of_the_package_is_a_regular_package() -> None:
+    """A folder without `__init__.py` is a namespace package: setuptools' `packages.find` leaves it out of a
+    wheel, so a non-editable install would lack that whole stage."""
+    folders = {p.parent for p in PACKAGE.rglob("*.py")}
+    missing = sorted(str(f.relative_to(PACKAGE)) for f in folders if not (f / "__init__.py").exists())
+    assert not missing, f"folders without __init__.py: {missing}"

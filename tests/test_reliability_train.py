@@ -19,7 +19,7 @@ from cbir_jax.runs.cli import to_typed
 from cbir_jax.core.errors import DivergedError
 
 from faults import image_folder, read_only
-from helpers import FAST, compose_config
+from helpers import FAST, compose_config, killed_copy
 from test_pipeline import _train
 
 
@@ -75,12 +75,7 @@ def test_resume_logs_each_step_once_and_matches_the_uninterrupted_run(tmp_path):
     opts = ("train.max_to_keep=10", "train.log_every=1", "train.evaluate=false", NO_VALIDATION)
     _train(full, *opts)
     # Killed after logging step 9 but with step 5 its last checkpoint, mid-line on step 10.
-    resumed.mkdir()
-    shutil.copytree(full / ".hydra", resumed / ".hydra")
-    (resumed / "checkpoints").mkdir()
-    shutil.copytree(full / "checkpoints" / "5", resumed / "checkpoints" / "5")
-    lines = (full / "metrics.jsonl").read_text().splitlines()
-    (resumed / "metrics.jsonl").write_text("\n".join(lines[:9]) + "\n" + lines[9][:12])
+    killed_copy(full, resumed, checkpoint=5, records=9, cut=12)
     _train(resumed, *opts, "train.resume=true")
     assert _records(resumed) == _records(full)  # each step once, and the same losses (bit-identical resume)
 

@@ -59,8 +59,21 @@ def test_groups_by_overrides_without_seed_and_reports_baselines_once(multirun, t
 
 def test_default_output_lies_next_to_the_multirun_folder(multirun, capsys):
     assert report.main([str(multirun)]) == 0
-    assert "head=mlp" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "head=mlp" in out
     assert (multirun.parent / "12-00-00_report.md").exists() and (multirun.parent / "12-00-00_report.csv").exists()
+    # the last line says where it wrote and what, not the other multirun folders beside it
+    assert out.strip().splitlines()[-1] == f"outputs: {multirun.parent}/ (12-00-00_report.csv, 12-00-00_report.md)"
+
+
+def test_chart_draws_a_bar_per_row_beside_the_table(multirun, tmp_path, capsys):
+    from PIL import Image
+
+    assert report.main([str(multirun), "--out", str(tmp_path / "out" / "table"), "--chart"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"outputs: {tmp_path / 'out'}/ (table.csv, table.md, table.png)"
+    with Image.open(tmp_path / "out" / "table.png") as image:
+        assert image.format == "PNG" and image.size == (800, 268)  # 4 rows: 1 + 0.42 inch each, at 100 dpi
 
 
 def test_a_folder_without_jobs_fails_with_a_message(tmp_path, capsys):

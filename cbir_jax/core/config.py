@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from cbir_jax.core.registry import UnknownComponentError
+from cbir_jax.core import help_text
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 T = TypeVar("T")
@@ -280,10 +281,13 @@ def preset(group: str, name: str, schema: type[T]) -> T:
 
 
 def register_configs() -> None:
-    """Registers the schema that `configs/config.yaml` extends, and the resolver its run folder uses."""
+    """Registers the schema that `configs/config.yaml` extends, the resolver its run folder uses, and those
+    of `--help` (configs/hydra/help/cbir_jax.yaml: each entry point's own description)."""
     ConfigStore.instance().store(name="config_schema", node=Config)
     OmegaConf.register_new_resolver("cbir_jax.run_dir", run_dir_for, replace=True)
     OmegaConf.register_new_resolver("cbir_jax.default_cache_dir", default_cache_dir, replace=True)
+    OmegaConf.register_new_resolver("cbir_jax.command", help_text.command, replace=True)
+    OmegaConf.register_new_resolver("cbir_jax.description", help_text.description, replace=True)
 
 
 register_configs()

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -64,10 +64,12 @@ def to_typed(cfg: DictConfig) -> Config:
     return validate(OmegaConf.to_object(merged))
 
 
-def print_outputs(out_dir: Path) -> None:
-    """The last line of every command: where it wrote, and what (files and folders at the top level)."""
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out_dir).iterdir() if not p.name.startswith(".")) if Path(out_dir).is_dir() else []
-    print(f"outputs: {out_dir}/ ({', '.join(entries) or 'nothing written'})", flush=True)
+def print_outputs(out_dir: Path, names: Iterable[str] | None = None) -> None:
+    """The last line of every command: where it wrote, and what: `names` (for a command that writes into a
+    shared folder, e.g. report), else the folder's files and folders at the top level."""
+    if names is None:
+        names = (p.name + ("/" if p.is_dir() else "") for p in Path(out_dir).iterdir() if not p.name.startswith(".")) if Path(out_dir).is_dir() else ()
+    print(f"outputs: {out_dir}/ ({', '.join(sorted(names)) or 'nothing written'})", flush=True)
 
 
 def run_dir() -> Path:

@@ -5,27 +5,23 @@
 - A resume must fit the run it continues (same data, backbone, features, head, labels, loss...): checked
   against the run's saved config *before* anything is written, because Hydra rewrites
   `.hydra/config.yaml` before the task starts (hence `cli.RunGuard`).
-- After a resume `metrics.jsonl` holds each step once: records past the restored step are dropped.
+- After a resume `metrics.jsonl` (and TensorBoard) hold each step once: records past the restored step
+  are dropped (`training.metrics_log`).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cbir_jax.training.checkpointing import MODEL_FILE
 from cbir_jax.core.errors import RunDirError
-from cbir_jax.core.files import atomic_write_text
 
-log = logging.getLogger(__name__)
-METRICS_LOG = "metrics.jsonl"
 # Keys a resume may change: how long to train and how often to log, never what is trained.
 RESUME_MAY_CHANGE = (
     "train.resume", "train.epochs", "train.log_every", "train.checkpoint_every", "train.max_to_keep",
@@ -95,28 +91,3 @@ def check_output_dir(out_dir: Path, cfg: DictConfig, app: str) -> None:
         raise type(e)(e.errno, e.strerror, str(out_dir)) from None  # name the folder, not the probe
     os.close(fd)
     os.unlink(probe)
-
-
-def open_metrics_log(run_dir: Path, step: int) -> TextIO:
-    """`metrics.jsonl` for appending, holding only the records up to `step` (where training restarts).
-
-    A run killed after its last checkpoint logged steps it will now redo; a line cut off by the kill is
-    not valid JSON. Both are dropped (the file is rewritten atomically), so every step appears once.
-    """
-    path = run_dir / METRICS_LOG
-    if path.exists():
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
-        if len(kept) != len(lines):
-            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-            log.info("%s: dropped %d records past step %d (they are logged again)", path, len(lines) - len(kept), step)
-    return path.open("a")
-
-
-def _step_of(line: str) -> int | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    value = record.get("step") if isinstance(record, dict) else None
-    return value if isinstance(value, int) else None

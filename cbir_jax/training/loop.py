@@ -4,12 +4,12 @@ Reproducible and resumable: epoch e's pairs come from a generator seeded with (s
 run sees exactly the batches the uninterrupted run would have seen. With a `selection.BestKeeper`, the
 head is validated before the first step and after every epoch (records with `val_*` keys in
 metrics.jsonl; `epoch` there counts the epochs done), the best parameters are kept, and training stops
-early after `train.patience` validations without a new best.
+early after `train.patience` validations without a new best. Every record goes through
+`metrics_log.MetricsLog` (metrics.jsonl and TensorBoard alike); `curves.png` is drawn from the log at the end.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -21,10 +21,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cbir_jax.training import checkpointing, guards, losses, pairs, selection
+from cbir_jax.training import checkpointing, curves, guards, losses, pairs, selection
+from cbir_jax.training.metrics_log import MetricsLog
 from cbir_jax.scoring import heads
 from cbir_jax.labels import targets as pair_labels
-from cbir_jax.runs import lifecycle as runs
 from cbir_jax.core.errors import DivergedError, Interrupted
 from cbir_jax.core.registry import Registry
 
@@ -36,16 +36,25 @@ OPTIMIZERS.register("adam")(lambda lr, cfg: optax.adam(lr))
 OPTIMIZERS.register("sgd")(lambda lr, cfg: optax.sgd(lr, momentum=0.9))
 
 
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+def learning_rate_schedule(cfg, total_steps: int) -> optax.ScalarOrSchedule:
+    """`train.schedule`: a schedule of the update count, or a constant as a plain float (a schedule would add
+    a counter to the optimizer state, and checkpoints of constant-rate runs would no longer restore)."""
     if cfg.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
+        return optax.warmup_cosine_decay_schedule(
             0.0, cfg.learning_rate, min(cfg.warmup_steps, max(total_steps - 1, 0)), max(total_steps, 1)
         )
-    elif cfg.schedule == "constant":
-        lr = cfg.learning_rate
-    else:
-        raise ValueError(f"train.schedule={cfg.schedule!r}: valid are cosine, constant")
-    opt = OPTIMIZERS.get(cfg.optimizer)(lr, cfg)
+    if cfg.schedule == "constant":
+        return cfg.learning_rate
+    raise ValueError(f"train.schedule={cfg.schedule!r}: valid are cosine, constant")  # the schema rules it out
+
+
+def learning_rate_at(schedule: optax.ScalarOrSchedule, step: int) -> float:
+    """The rate the update that produced `step` used (optax counts updates from 0)."""
+    return float(schedule(max(step - 1, 0))) if callable(schedule) else float(schedule)
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    opt = OPTIMIZERS.get(cfg.optimizer)(learning_rate_schedule(cfg, total_steps), cfg)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt) if cfg.grad_clip else opt
 
 
@@ -78,11 +87,6 @@ def epoch_batches(
         shape = (steps, batch)
     targets = pair_labels.pair_targets(context, i, j)
     return tuple(x.reshape(shape) for x in (i, j, targets))
-
-
-def _log(metrics_file, record: dict) -> None:
-    metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-    metrics_file.flush()
 
 
 def train_head(
@@ -139,40 +143,42 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
         )
 
     feats = jnp.asarray(features)
-    metrics_file = runs.open_metrics_log(run_dir, step)  # each step once, also after a resume
-    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
-    state.update(mngr=mngr, step=step, progress=progress)
-    loss_sum, loss_count = 0.0, 0
-    if keeper is not None and step % steps_per_epoch == 0 and not keeper.already_validated(step):
-        # the starting point is a candidate too: a residual head that training only hurts keeps its base metric
-        _log(metrics_file, {"step": step, "epoch": step // steps_per_epoch, **keeper.validate(step, step // steps_per_epoch, params)})
-    stopped = keeper is not None and keeper.selection.should_stop(cfg.train.patience)
-    while step < total_steps and not stopped:
-        epoch, offset = divmod(step, steps_per_epoch)
-        i, j, targets = epoch_batches(cfg, context, n, nbrs, epoch, steps_per_epoch, batch)
-        for b in range(offset, steps_per_epoch):
-            params, opt_state, loss = step_fn(params, opt_state, feats, i[b], j[b], targets[b])
-            step += 1
-            state["step"] = step
-            guards.check_loss(step, float(loss))  # stops before a NaN reaches the log or a checkpoint
-            loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
-            progress.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                record = {"step": step, "epoch": epoch, "loss": loss_sum / loss_count}
-                _log(metrics_file, record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                loss_sum, loss_count = 0.0, 0
-            if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
-                guards.check_params(step, params)
-                checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
-        if keeper is not None:
-            _log(metrics_file, {"step": step, "epoch": epoch + 1, **keeper.validate(step, epoch + 1, params)})
-            stopped = keeper.selection.should_stop(cfg.train.patience)
-            if stopped:
-                log.info("early stop after epoch %d: no better validation %s for %d epochs (best: step %d)",
-                         epoch + 1, keeper.metric, cfg.train.patience, keeper.selection.best_step)
-    progress.close()
-    metrics_file.close()
+    lr = learning_rate_schedule(cfg.train, total_steps)
+    with MetricsLog(run_dir, keep_up_to=step) as metrics:  # each step once, also after a resume
+        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
+        state.update(mngr=mngr, step=step, progress=progress)
+        loss_sum, loss_count = 0.0, 0
+        if keeper is not None and step % steps_per_epoch == 0 and not keeper.already_validated(step):
+            # the starting point is a candidate too: a residual head that training only hurts keeps its base metric
+            metrics.write({"step": step, "epoch": step // steps_per_epoch, **keeper.validate(step, step // steps_per_epoch, params)})
+        stopped = keeper is not None and keeper.selection.should_stop(cfg.train.patience)
+        while step < total_steps and not stopped:
+            epoch, offset = divmod(step, steps_per_epoch)
+            i, j, targets = epoch_batches(cfg, context, n, nbrs, epoch, steps_per_epoch, batch)
+            for b in range(offset, steps_per_epoch):
+                params, opt_state, loss = step_fn(params, opt_state, feats, i[b], j[b], targets[b])
+                step += 1
+                state["step"] = step
+                guards.check_loss(step, float(loss))  # stops before a NaN reaches the log or a checkpoint
+                loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    record = {"step": step, "epoch": epoch, "loss": loss_sum / loss_count,
+                              "learning_rate": learning_rate_at(lr, step)}
+                    metrics.write(record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    loss_sum, loss_count = 0.0, 0
+                if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
+                    guards.check_params(step, params)
+                    checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
+            if keeper is not None:
+                metrics.write({"step": step, "epoch": epoch + 1, **keeper.validate(step, epoch + 1, params)})
+                stopped = keeper.selection.should_stop(cfg.train.patience)
+                if stopped:
+                    log.info("early stop after epoch %d: no better validation %s for %d epochs (best: step %d)",
+                             epoch + 1, keeper.metric, cfg.train.patience, keeper.selection.best_step)
+        progress.close()
+    curves.write_curves(run_dir, title=f"head={cfg.head.name} labels={cfg.labels.name} loss={cfg.loss.name}")
     if mngr.latest_step() != step:  # e.g. a resumed run that was already complete
         checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
     mngr.wait_until_finished()

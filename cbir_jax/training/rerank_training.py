@@ -19,7 +19,6 @@ the best parameters are the ones checkpointed and evaluated.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,14 +30,15 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cbir_jax.training import checkpointing
+from cbir_jax.training import checkpointing, curves
 from cbir_jax.scoring import learned_rerank
 from cbir_jax.labels import targets as pair_labels
 from cbir_jax.data import DataError
 from cbir_jax.core.errors import DivergedError
 from cbir_jax.evaluation.metrics import MetricAccumulator
 from cbir_jax.core.registry import Registry
-from cbir_jax.training.loop import make_optimizer
+from cbir_jax.training.loop import learning_rate_at, learning_rate_schedule, make_optimizer
+from cbir_jax.training.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -138,34 +138,35 @@ def train_reranker(
     best = {"val_map_at_r": validate(params), "epoch": 0, "params": params}
     log.info("re-ranker: %d training rows, %d steps; validation MAP@R untrained (DBA's weights on both sides): %s",
              n, total, best["val_map_at_r"])
-    metrics = (run_dir / "metrics.jsonl").open("w")
-    metrics.write(json.dumps({"step": 0, "epoch": 0, "val_map_at_r": best["val_map_at_r"]}) + "\n")
     feats = jnp.asarray(train_x)
     started = time.time()
-    progress = tqdm(total=total, desc="train re-ranker", unit="step", mininterval=2.0)
-    step, losses = 0, []
-    for epoch in range(1, cfg.train.epochs + 1):
-        rng = np.random.default_rng([cfg.seed, epoch])
-        for _ in range(steps_per_epoch):
-            perm = rng.permutation(n)
-            qi, gi = perm[:n_query], perm[n_query:]
-            params, opt_state, loss = step_fn(params, opt_state, feats[qi], feats[gi], jnp.asarray(relevance[np.ix_(qi, gi)]))
-            losses.append(float(loss))
-            step += 1
-            progress.update(1)
-            if not np.isfinite(losses[-1]):
-                raise DivergedError(f"re-ranker training diverged: loss {losses[-1]} at step {step} (lower train.learning_rate)")
-        record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": float(np.mean(losses))}
-        losses = []
-        if has_val and (epoch % rcfg.val_every == 0 or epoch == cfg.train.epochs):
-            record["val_map_at_r"] = validate(params)
-            if record["val_map_at_r"] > best["val_map_at_r"]:
-                best = {"val_map_at_r": record["val_map_at_r"], "epoch": epoch, "params": params}
-            progress.set_postfix(val=f"{record['val_map_at_r']:.4f}")
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-    progress.close()
-    metrics.close()
+    lr = learning_rate_schedule(cfg.train, total)
+    with MetricsLog(run_dir, keep_up_to=-1) as metrics:  # it never resumes: nothing earlier is kept
+        metrics.write({"step": 0, "epoch": 0, "val_map_at_r": best["val_map_at_r"]})
+        progress = tqdm(total=total, desc="train re-ranker", unit="step", mininterval=2.0)
+        step, losses = 0, []
+        for epoch in range(1, cfg.train.epochs + 1):
+            rng = np.random.default_rng([cfg.seed, epoch])
+            for _ in range(steps_per_epoch):
+                perm = rng.permutation(n)
+                qi, gi = perm[:n_query], perm[n_query:]
+                params, opt_state, loss = step_fn(params, opt_state, feats[qi], feats[gi], jnp.asarray(relevance[np.ix_(qi, gi)]))
+                losses.append(float(loss))
+                step += 1
+                progress.update(1)
+                if not np.isfinite(losses[-1]):
+                    raise DivergedError(f"re-ranker training diverged: loss {losses[-1]} at step {step} (lower train.learning_rate)")
+            record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": float(np.mean(losses)),
+                                      "learning_rate": learning_rate_at(lr, step)}
+            losses = []
+            if has_val and (epoch % rcfg.val_every == 0 or epoch == cfg.train.epochs):
+                record["val_map_at_r"] = validate(params)
+                if record["val_map_at_r"] > best["val_map_at_r"]:
+                    best = {"val_map_at_r": record["val_map_at_r"], "epoch": epoch, "params": params}
+                progress.set_postfix(val=f"{record['val_map_at_r']:.4f}")
+            metrics.write(record)
+        progress.close()
+    curves.write_curves(run_dir, title=f"head={cfg.head.name} (targets={rcfg.targets})")
     if not has_val:
         best = {"val_map_at_r": None, "epoch": cfg.train.epochs, "params": params}
     mngr = checkpointing.manager(run_dir, max_to_keep=1)
