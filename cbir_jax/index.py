@@ -3,6 +3,11 @@
 Indexes a folder once into one file (`cbir_jax/api/store.py`); `python -m cbir_jax.search index=FILE
 query=IMAGE` then ranks against it without extracting the gallery again. The scorer is the run's learned
 one with `checkpoint=`, else `head=` when it names a fixed metric (default: cosine).
+
+Examples:
+  python -m cbir_jax.index data=folder data.root=photos out=photos.index
+  python -m cbir_jax.index data=folder data.root=photos out=photos.index checkpoint=outputs/runs/<date>/<time>
+  python -m cbir_jax.search index=photos.index query=photo.jpg k=10
 """
 
 from __future__ import annotations

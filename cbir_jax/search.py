@@ -2,8 +2,13 @@
 `index=FILE query=IMAGE`)
 
 Ranks the gallery (every image of `data`, or a saved index from `python -m cbir_jax.index`) for one query
-image; prints the ranked list and writes a PNG grid of the query and its top-k with scores into the run
-directory.
+image; prints the ranked list and writes a PNG grid of the query and its top-k with scores (search.png),
+under `RUN_DIR/search/<time>/` with a checkpoint, else `outputs/runs/<time>/`.
+
+Examples:
+  python -m cbir_jax.search checkpoint=outputs/runs/<date>/<time> query=photo.jpg k=10
+  python -m cbir_jax.search head=cosine query=photo.jpg data=folder data.root=DIR
+  python -m cbir_jax.search index=photos.index query=photo.jpg k=20
 """
 
 from __future__ import annotations

@@ -1,0 +1,379 @@
+"""`cbir_jax.Index`: a folder of images made searchable in a few lines of Python, without Hydra.
+
+```python
+import cbir_jax
+index = cbir_jax.Index.build("efficientnet_lite0", "photos/")   # or Index.build(cbir_jax.load_run(RUN), "photos/")
+scores, ids, paths = index.search("query.jpg", k=10)
+index.save("photos.index"); index = cbir_jax.Index.load("photos.index")
+index.add(["new1.jpg", "new2.jpg"])
+```
+
+Every step is the project's own: the folder source (`data=folder`: class sub-folders give labels,
+unreadable files are skipped, named and counted), cached feature extraction, post-processing fitted on the
+gallery (`features/postprocess.py`), and the chunked top-k of `scoring/ranking.py`. So an index ranks
+exactly as `python -m cbir_jax.search` does for the same backbone, scorer and folder. The file format is
+described in `api/store.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from PIL import Image
+
+from cbir_jax.api import faiss_export, store
+from cbir_jax.api.store import IndexFileError, Stored
+from cbir_jax.backbones import Backbone, build_backbone
+from cbir_jax.core.config import (
+    BackboneConfig, DataConfig, EvalConfig, FeaturesConfig, LabelsConfig, default_cache_dir, preset,
+)
+from cbir_jax.core.errors import UserError
+from cbir_jax.core.registry import UnknownComponentError
+from cbir_jax.data import ImageDataset, ImageLoadError, build_dataset
+from cbir_jax.data.base import load_image_file, pil_to_rgb, to_rgb_uint8
+from cbir_jax.features import postprocess
+from cbir_jax.features.extract import extract_features, forward_batches
+from cbir_jax.scoring import ranking
+from cbir_jax.scoring.baselines import baseline_names, baseline_scorer
+from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.runs.trained import Run, load_run
+
+log = logging.getLogger(__name__)
+
+# One query: an image file, a PIL image or a uint8 array (HxW, HxWx3 or HxWx4); a batch: a list of them or
+# a uint8 (B, H, W, 3) array.
+Query = Union[str, os.PathLike, Image.Image, np.ndarray, Sequence[Any]]
+_ADD_THUMB = 8  # extraction also makes thumbnails (for SSIM labels); `add` has no use for them
+
+
+class QueryError(UserError):
+    """A query that is not an image: a wrong array type or shape, or an empty batch."""
+
+
+def _one_image(query: Any) -> np.ndarray:
+    if isinstance(query, (str, os.PathLike)):
+        try:
+            return load_image_file(str(query))
+        except ImageLoadError as e:
+            raise type(e)(f"query {query}: {e}") from None
+    if isinstance(query, Image.Image):
+        return pil_to_rgb(query)
+    array = np.asarray(query)
+    if array.dtype != np.uint8:
+        raise QueryError(f"a query array must be uint8 (HxWx3 pixels), not {array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)):
+        return to_rgb_uint8(Image.fromarray(array))
+    raise QueryError(f"a query array must be HxW, HxWx3 or HxWx4 (or a batch BxHxWx3), not shape {array.shape}")
+
+
+def as_images(queries: Query) -> tuple[list[np.ndarray], bool]:
+    """The queries as uint8 RGB images, and whether one query was given (not a batch)."""
+    if isinstance(queries, (list, tuple)):
+        if not queries:
+            raise QueryError("an empty list of queries")
+        return [_one_image(q) for q in queries], False
+    if isinstance(queries, np.ndarray) and queries.ndim == 4:
+        if len(queries) == 0:
+            raise QueryError("an empty batch of queries")
+        return [_one_image(q) for q in queries], False
+    return [_one_image(queries)], True
+
+
+def _choose_scorer(name: Optional[str], run: Optional[Run]) -> Scorer:
+    if run is not None and name in (None, run.head):
+        return run.scorer
+    name = name or "cosine"
+    if name in baseline_names():
+        return baseline_scorer(name)
+    raise UnknownComponentError(
+        f"scorer={name!r} is not a fixed metric or re-ranker ({', '.join(baseline_names())}); a learned scorer "
+        "comes with its run: Index.build(cbir_jax.load_run(RUN_DIR), folder)"
+    )
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-ready values (what the index file keeps)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def _typed(schema: type, values: dict[str, Any]) -> Any:
+    """Values read back from an index file as the typed config (checked by the schema)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+
+
+class Index:
+    """A searchable folder of images: raw backbone features, the post-processing fitted on them, a scorer.
+
+    Build one with `Index.build`, reopen a saved one with `Index.load`. Ids are row numbers, 0..N-1 in the
+    order images were added, so `ids` index `paths` and `labels`.
+    """
+
+    def __init__(self, data: Stored, backbone: Backbone, scorer: Scorer, features: FeaturesConfig,
+                 run: Optional[Run] = None, batch_size: int = 32, chunk: int = EvalConfig.gallery_chunk) -> None:
+        self._data = data
+        self.backbone = backbone
+        self.scorer = scorer
+        self.features_config = features
+        self.run = run
+        self.batch_size = batch_size
+        self.chunk = chunk
+        self._gallery: Optional[np.ndarray] = None
+        self._state: Any = None
+
+    # ---- building, saving, loading ------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        backbone: Union[str, Run, BackboneConfig],
+        folder: Union[str, os.PathLike],
+        *,
+        scorer: Optional[str] = None,
+        features: Optional[FeaturesConfig] = None,
+        cache_dir: Optional[str] = None,
+        batch_size: Optional[int] = None,
+    ) -> "Index":
+        """Indexes every image under `folder` (one sub-folder per class gives labels).
+
+        `backbone`: a backbone name (`efficientnet_lite0`, `pixels`, `resnet50` ...: the settings of
+        `configs/backbone/<name>.yaml`), a `BackboneConfig`, or a `Run` (`cbir_jax.load_run`), whose
+        backbone, post-processing and learned scorer are used. `scorer`: a fixed metric or non-learned
+        re-ranker by name (default: the run's scorer, else `cosine`). `features`: the post-processing
+        (default: the run's, else L2-normalised). Features are cached under `cache_dir` (default
+        `$CBIR_JAX_CACHE` or `~/.cache/cbir_jax`), so building the same folder again costs no forward pass.
+        """
+        run = backbone if isinstance(backbone, Run) else None
+        cache_dir = cache_dir or (run.config.cache_dir if run is not None else default_cache_dir())
+        if run is not None:
+            backbone_cfg, net = run.config.backbone, run.backbone
+        else:
+            backbone_cfg = preset("backbone", backbone, BackboneConfig) if isinstance(backbone, str) else backbone
+            net = build_backbone(backbone_cfg, cache_dir)
+        features = features or (run.config.features if run is not None else FeaturesConfig())
+        chosen = _choose_scorer(scorer, run)  # before extraction: a wrong name fails at once
+        dataset = build_dataset(DataConfig(name="folder", root=str(folder)))
+        fs = extract_features(dataset, net, thumb_size=LabelsConfig.image_size, cache_dir=cache_dir,
+                              batch_size=batch_size or backbone_cfg.batch_size, use_cache=features.cache)
+        data = Stored(
+            features=fs.features,
+            ids=np.arange(len(fs), dtype=np.int64),
+            paths=[Path(i).as_posix() for i in fs.ids],
+            labels=fs.labels,
+            class_names=list(dataset.class_names),
+            root=str(Path(os.path.expanduser(folder)).resolve()),
+            backbone=net.name,
+            backbone_fingerprint=net.fingerprint,
+            backbone_config=_plain(backbone_cfg),
+            features_config=_plain(features),
+            post=postprocess.fit(features, fs.features),
+            scorer=chosen.name,
+            run=str(run.path) if run is not None and chosen is run.scorer else "",
+            run_select=str(run.config.eval.select) if run is not None and chosen is run.scorer else "",
+            skipped=list(fs.skipped),
+        )
+        return cls(data, net, chosen, features, run if data.run else None, batch_size or backbone_cfg.batch_size)
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Writes the index to one file (format: `cbir_jax/api/store.py`); returns its path."""
+        return store.save(self._data, path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], *, root: Optional[str] = None, run: Optional[str] = None) -> "Index":
+        """Reopens a saved index: no image is read and no gallery feature recomputed.
+
+        `root` / `run`: where the indexed folder / the learned scorer's run now are, if they moved apart from
+        the index file. A damaged file, a newer format, or a backbone that no longer computes the same
+        features (another weights file or cbir_jax version) is a one-line `IndexFileError`.
+        """
+        data = store.load(path)
+        if root is not None:
+            data.root = str(Path(os.path.expanduser(root)).resolve())
+        if not Path(data.root).is_dir():
+            log.warning("index %s: its folder %s is not there (pass root= if it moved); paths name missing files",
+                        path, data.root)
+        try:
+            backbone_cfg = _typed(BackboneConfig, data.backbone_config)
+            features = _typed(FeaturesConfig, data.features_config)
+        except OmegaConfBaseException as e:
+            raise IndexFileError(f"index={path}: damaged header ({type(e).__name__} in its configs)") from None
+        net = build_backbone(backbone_cfg)
+        if net.fingerprint != data.backbone_fingerprint or net.feature_dim != data.features.shape[1]:
+            raise IndexFileError(
+                f"index={path} holds {data.backbone} features ({data.backbone_fingerprint}), but this backbone now "
+                f"computes {net.fingerprint}: build the index again"
+            )
+        loaded_run = None
+        if data.run:
+            data.run = str(run or data.run)
+            if not Path(data.run).is_dir():
+                raise IndexFileError(f"index={path}: its scorer {data.scorer} comes from the run {data.run}, "
+                                     "which is not there (pass run=RUN_DIR if it moved)")
+            loaded_run = load_run(data.run, select=data.run_select or "best")
+            if loaded_run.head != data.scorer or loaded_run.backbone.fingerprint != data.backbone_fingerprint:
+                raise IndexFileError(f"index={path}: the run {data.run} trained {loaded_run.head} on "
+                                     f"{loaded_run.backbone.name}, not {data.scorer} on {data.backbone}")
+            scorer = loaded_run.scorer
+        else:
+            scorer = _choose_scorer(data.scorer, None)
+        return cls(data, net, scorer, features, loaded_run, backbone_cfg.batch_size)
+
+    # ---- growing ------------------------------------------------------------------------------------------
+
+    def add(self, files: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]) -> np.ndarray:
+        """Appends image files; returns their new ids. Files already indexed are left alone, unreadable ones
+        skipped, named and counted (as in `build`).
+
+        The post-processing fitted at build time is kept, so earlier scores do not change; `refit()`
+        re-fits it on every row (as building from scratch would).
+        """
+        files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+        root = Path(self._data.root)
+        known = set(self._data.paths)
+        rel, full = [], []
+        for f in files:
+            r = Path(os.path.relpath(os.path.abspath(os.path.expanduser(f)), root)).as_posix()
+            if r in known:
+                log.info("add: %s is already indexed", f)
+                continue
+            known.add(r)
+            rel.append(r)
+            full.append(str(root / r))
+        if not rel:
+            return np.zeros(0, np.int64)
+        dataset = ImageDataset(name="add", ids=rel, load=lambda i: load_image_file(full[i]), labels=None,
+                               class_names=[], content_key="")
+        fs = extract_features(dataset, self.backbone, thumb_size=_ADD_THUMB, cache_dir="",
+                              batch_size=self.batch_size, use_cache=False)
+        d = self._data
+        new_ids = np.arange(len(d.ids), len(d.ids) + len(fs), dtype=np.int64)
+        d.features = np.concatenate([d.features, fs.features])
+        d.ids = np.concatenate([d.ids, new_ids])
+        d.paths = d.paths + fs.ids
+        if d.labels is not None:
+            d.labels = np.concatenate([d.labels, np.asarray([self._class_of(p) for p in fs.ids], np.int32)])
+        d.skipped = d.skipped + list(fs.skipped)
+        self._forget()
+        return new_ids
+
+    def _class_of(self, rel: str) -> int:
+        """The class of an added file: its first folder under the root (a new name is a new class), else -1."""
+        parts = rel.split("/")
+        if len(parts) < 2 or parts[0] == "..":
+            return -1
+        if parts[0] not in self._data.class_names:
+            self._data.class_names.append(parts[0])
+        return self._data.class_names.index(parts[0])
+
+    def refit(self) -> None:
+        """Re-fits the post-processing on every row (after `add`, to match a fresh build of the folder)."""
+        self._data.post = postprocess.fit(self.features_config, self._data.features)
+        self._forget()
+
+    def _forget(self) -> None:
+        self._gallery, self._state = None, None
+
+    # ---- searching ----------------------------------------------------------------------------------------
+
+    def embed(self, queries: Query, *, raw: bool = False) -> np.ndarray:
+        """Features (B, D) of queries as the scorer sees them (post-processed), or the backbone's raw ones
+        (what the faiss export takes: its post-processing is inside it)."""
+        images, _ = as_images(queries)
+        feats = forward_batches(self.backbone, images, min(self.batch_size, len(images)))
+        return feats if raw else postprocess.apply(self._data.post, feats)
+
+    def gallery(self) -> np.ndarray:
+        """The post-processed gallery (N, D'), as the scorer ranks it."""
+        if self._gallery is None:
+            self._gallery = postprocess.apply(self._data.post, self._data.features)
+        return self._gallery
+
+    def search(self, queries: Query, k: int = 10) -> tuple[np.ndarray, np.ndarray, list]:
+        """The k best gallery items per query: (scores, ids, paths), best first.
+
+        Scores are similarities (higher is better; `euclid` gives minus the distance). One query (a path,
+        PIL image or HxWx3 array) gives (k,), (k,) and a list of k paths; a batch (a list, or a BxHxWx3 array)
+        gives (B, k), (B, k) and B lists. k is capped at the gallery size.
+        """
+        images, single = as_images(queries)
+        q = self.embed(images)
+        if self._state is None:
+            self._state = self.scorer.prepare(jax.device_put(self.gallery()))
+        k = max(1, min(int(k), len(self)))
+        s, i = ranking.top_k(self.scorer, self._state, jnp.asarray(q), k=k, chunk=self.chunk)
+        scores, ids = np.asarray(s), np.asarray(i).astype(np.int64)
+        paths = [[self.path(j) if j >= 0 else None for j in row] for row in ids.tolist()]
+        return (scores[0], ids[0], paths[0]) if single else (scores, ids, paths)
+
+    # ---- what it holds ------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._data.ids)
+
+    def __repr__(self) -> str:
+        return (f"Index({len(self)} images of {self.root}, backbone={self._data.backbone}, "
+                f"scorer={self.scorer_name}, {len(self.skipped)} skipped)")
+
+    @property
+    def root(self) -> str:
+        return self._data.root
+
+    @property
+    def scorer_name(self) -> str:
+        return self._data.scorer
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._data.ids
+
+    @property
+    def paths(self) -> list[str]:
+        """Each row's file relative to `root` (POSIX separators)."""
+        return self._data.paths
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        """Each row's class index (-1: none), or None where the folder has no class sub-folders."""
+        return self._data.labels
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._data.class_names
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(file, reason) of every file that could not be indexed."""
+        return self._data.skipped
+
+    @property
+    def post(self) -> dict[str, Any]:
+        """The fitted post-processing (`features/postprocess.py`): `l2`, and `mean`/`projection` if whitened."""
+        return self._data.post
+
+    def path(self, id_: int) -> str:
+        """The file of one id, under the index's root."""
+        return str(Path(self._data.root) / self._data.paths[int(id_)])
+
+    def image(self, id_: int) -> np.ndarray:
+        """The image of one id, read from its file (uint8 HxWx3)."""
+        return load_image_file(self.path(id_))
+
+    # ---- faiss ----------------------------------------------------------------------------------------------
+
+    def to_faiss(self):
+        """The index as a faiss index (cosine: IndexFlatIP; euclid: IndexFlatL2) that takes raw backbone
+        features (`embed(q, raw=True)`): the post-processing is inside it. See `api/faiss_export.py`."""
+        return faiss_export.to_faiss(self)
+
+    def save_faiss(self, path: Union[str, os.PathLike]) -> tuple[Path, Path]:
+        """Writes `to_faiss()` to `path` (faiss.write_index) and its ids and paths beside it (`path.json`)."""
+        return faiss_export.save_faiss(self, path)

@@ -1,0 +1,82 @@
+"""`data=folder data.root=PATH`: any folder of images; one sub-folder per class gives labels."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cbir_jax.data.base import DATASETS, DataError, ImageDataset, hash_strings, load_image_file
+
+log = logging.getLogger(__name__)
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _members(class_dir: Path) -> tuple[list[Path], str]:
+    """The class's image files (hidden ones excluded), or a reason the folder contributes none."""
+    try:
+        with os.scandir(class_dir) as entries:
+            next(entries, None)
+    except OSError as e:
+        return [], f"unreadable class folder: {e.strerror}"
+    members = sorted(
+        f for f in class_dir.rglob("*")
+        if f.is_file() and not _is_hidden(f) and not any(map(_is_hidden, f.relative_to(class_dir).parents))
+    )
+    return members, "" if members else "empty class folder"
+
+
+@DATASETS.register("folder")
+def build(cfg) -> ImageDataset:
+    if not cfg.root:
+        raise DataError("data=folder needs data.root=PATH (a folder of images, one sub-folder per class)")
+    root = Path(os.path.expanduser(cfg.root)).resolve()
+    if not root.is_dir():
+        raise DataError(f"data.root={cfg.root}: no such folder")
+    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not _is_hidden(d)), key=lambda d: d.name)
+    loose = sorted(f for f in root.iterdir() if f.is_file() and not _is_hidden(f))
+    skipped = []
+    if class_dirs and loose:  # e.g. a README beside the class folders: belongs to no class
+        skipped = [(f.name, "loose file beside class folders (belongs to no class)") for f in loose]
+        for name, reason in skipped:
+            log.warning("skipped %s: %s", name, reason)
+    files: list[Path] = []
+    labels: list[int] = []
+    if class_dirs:
+        kept_dirs, left_out = [], []
+        for d in class_dirs:
+            members, reason = _members(d)
+            if reason:  # named, not silently dropped: rglob alone skips an unreadable folder without a word
+                left_out.append((f"{d.name}/", reason))
+                continue
+            if cfg.max_per_class:
+                members = members[: cfg.max_per_class]
+            files += members
+            labels += [len(kept_dirs)] * len(members)
+            kept_dirs.append(d)
+        if left_out:
+            log.warning("class folders left out: %s", ", ".join(f"{n} ({r})" for n, r in left_out))
+        skipped += left_out
+        class_dirs = kept_dirs
+    else:
+        files = loose
+    if not files:
+        raise DataError(f"data.root={cfg.root}: no files found")
+    ids = [str(f.relative_to(root)) for f in files]
+    stats = [f.stat() for f in files]
+    key = hash_strings("folder", str(root), *(f"{i}:{s.st_size}:{s.st_mtime_ns}" for i, s in zip(ids, stats)))
+    paths = [str(f) for f in files]
+    return ImageDataset(
+        name=f"folder:{root.name}",
+        ids=ids,
+        load=lambda i: load_image_file(paths[i]),
+        labels=np.asarray(labels, np.int32) if class_dirs else None,
+        class_names=[d.name for d in class_dirs],
+        content_key=key,
+        skipped=skipped,
+    )

@@ -1,0 +1,75 @@
+"""Re-ranker parameters chosen on validation rows, so a learned scorer is compared with each re-ranker at
+its best on the same data, never at defaults picked for another dataset, and never tuned on the queries.
+
+`tune_reranker(name, x, y)` grid-searches the re-ranker's parameters for MAP@R with every validation row a
+leave-one-out query against the others (`data.split.val_fraction` carves those rows out of the training
+categories). Results are stored per (name, grid, rows) under `<cache_dir>/tuning/` like the feature cache,
+so the jobs of a sweep on one split tune once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cbir_jax.scoring import rerank
+from cbir_jax.evaluation.retrieval import evaluate_scorer
+from cbir_jax.core.registry import UnknownComponentError
+from cbir_jax.scoring.scorer import Scorer
+
+log = logging.getLogger(__name__)
+
+# The grids searched, around each method's published defaults (rerank.py), wide in the neighbourhood size.
+GRIDS: dict[str, dict[str, list]] = {
+    "alpha_qe": {"k": [5, 10, 20, 30, 50], "alpha": [1.0, 3.0]},
+    "dba_alpha_qe": {"k": [10, 20, 30, 50, 75, 100], "alpha": [1.0, 3.0], "qe_k": [5, 10, 15, 20], "qe_alpha": [1.0, 3.0]},
+    "diffusion": {"k": [10, 20, 30, 50], "gamma": [1.0, 3.0], "k_query": [5, 10, 20]},
+}
+
+
+def _grid_search(name: str, x: np.ndarray, y: np.ndarray) -> tuple[dict, float]:
+    best: tuple[dict, float] = ({}, -1.0)
+    grid = GRIDS[name]
+    for values in itertools.product(*grid.values()):
+        params = dict(zip(grid, values))
+        if params.get("k", 0) >= len(x) - 2:
+            continue
+        scorer = rerank.build_reranker(name, **params)
+        m = evaluate_scorer(scorer, x, x, y, y, np.arange(len(x)), gallery_chunk=len(x))["map_at_r"]
+        if m > best[1]:
+            best = (params, m)
+    return best
+
+
+def tune_reranker(name: str, x: np.ndarray, y: np.ndarray, cache_dir: str | None = None) -> tuple[dict, float]:
+    """The grid point of re-ranker `name` with the best leave-one-out MAP@R on rows (x, y), and that MAP@R."""
+    if name not in GRIDS:
+        raise UnknownComponentError(f"no tuning grid for re-ranker {name!r}; valid: {', '.join(GRIDS)}")
+    x = np.ascontiguousarray(x, np.float32)
+    digest = hashlib.sha256(json.dumps(GRIDS[name]).encode() + x.tobytes() + np.asarray(y).tobytes()).hexdigest()[:24]
+    path = Path(os.path.expanduser(cache_dir)) / "tuning" / f"{name}-{digest}.json" if cache_dir else None
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        return saved["params"], saved["map_at_r"]
+    params, value = _grid_search(name, x, y)
+    log.info("tuned %s on %d validation rows: %s (MAP@R %.4f)", name, len(x), params, value)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"params": params, "map_at_r": value, "grid": GRIDS[name], "rows": len(x)}))
+        os.replace(tmp, path)
+    return params, value
+
+
+def tuned_scorer(name: str, x: np.ndarray, y: np.ndarray, cache_dir: str | None = None) -> Scorer:
+    """Re-ranker `name` at its validation-tuned parameters, named so a table shows what was chosen."""
+    params, _ = tune_reranker(name, x, y, cache_dir)
+    shown = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return dataclasses.replace(rerank.build_reranker(name, **params), name=f"{name}[val: {shown}]")

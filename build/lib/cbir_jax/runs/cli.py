@@ -1,0 +1,104 @@
+"""Shared plumbing of the entry points: known errors become one line on stderr, not a stack trace."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from cbir_jax.core.config import Config
+from cbir_jax.core.config_checks import validate
+from cbir_jax.core.errors import Interrupted, UserError
+
+T = TypeVar("T")
+# OS errors a user's environment causes (a path that is missing, not writable, or on a full disk): one line
+# naming the path. Any other OSError is unexpected and keeps its traceback.
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
+     errno.EIO, errno.ENOTDIR, errno.EISDIR}
+)
+log = logging.getLogger("cbir_jax")
+
+
+def one_line(error: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) for a failure the user can fix, or None for a bug (which keeps its traceback)."""
+    if isinstance(error, UserError):
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__, error.exit_code
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS and error.filename is not None:
+        return f"{error.filename}: {error.strerror}", 2
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", Interrupted.exit_code
+    return None
+
+
+def run_or_exit(fn: Callable[[], T]) -> T:
+    """Runs an entry point; a user error (bad value, path, data or checkpoint) exits 2 with one line.
+
+    CBIR_JAX_DEBUG=1 re-raises instead, with the full traceback.
+    """
+    # Orbax narrates every save at INFO through absl; keep the run log about the run.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        return fn()
+    except (UserError, OSError, KeyboardInterrupt) as e:
+        known = one_line(e)
+        if known is None or os.environ.get("CBIR_JAX_DEBUG"):
+            raise
+        exit_with(*known)
+
+
+def exit_with(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def to_typed(cfg: DictConfig) -> Config:
+    """The composed config as the typed `Config` dataclass, with every value in its range."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    return validate(OmegaConf.to_object(merged))
+
+
+def print_outputs(out_dir: Path, names: Iterable[str] | None = None) -> None:
+    """The last line of every command: where it wrote, and what: `names` (for a command that writes into a
+    shared folder, e.g. report), else the folder's files and folders at the top level."""
+    if names is None:
+        names = (p.name + ("/" if p.is_dir() else "") for p in Path(out_dir).iterdir() if not p.name.startswith(".")) if Path(out_dir).is_dir() else ()
+    print(f"outputs: {out_dir}/ ({', '.join(sorted(names)) or 'nothing written'})", flush=True)
+
+
+def run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def overridden_keys() -> frozenset[str]:
+    """Top-level config keys the user set on this command line (`data=folder` -> {"data"})."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return frozenset(o.lstrip("+~").split("=")[0].split(".")[0] for o in HydraConfig.get().overrides.task)
+
+
+class RunGuard(Callback):
+    """A Hydra callback that checks the output folder before Hydra writes anything into it.
+
+    Hydra saves `.hydra/config.yaml` before the task starts, so a check inside the task comes too late to
+    protect a finished run. Registered in `configs/config.yaml` under `hydra.callbacks`.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from cbir_jax.runs import lifecycle as runs
+
+        try:
+            runs.check_output_dir(Path(str(config.hydra.run.dir)), config, app=str(config.hydra.job.name))
+        except (UserError, OSError) as e:
+            known = one_line(e)
+            if known is None or os.environ.get("CBIR_JAX_DEBUG"):
+                raise
+            exit_with(*known)

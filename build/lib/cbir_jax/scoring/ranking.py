@@ -1,0 +1,208 @@
+"""Ranking a gallery: chunked scans with a running top-k, so memory stays bounded at any gallery size.
+
+Contract (as faiss): `top_k(...) -> (scores, indices)`, both (B, k); scores are similarities in
+descending order; where the gallery holds fewer than k eligible items the index is -1.
+
+Chunks are read in place (`dynamic_slice`); the gallery is never padded or copied, and no more than one
+(B, chunk) block of scores exists at a time. The last chunk is aligned to the end of the gallery and the
+rows it shares with the chunk before are masked, so every row is scored once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cbir_jax.scoring.scorer import Scorer, with_storage
+
+
+def _num_rows(rows: Any) -> int:
+    return jax.tree_util.tree_leaves(rows)[0].shape[0]
+
+
+def _chunk_at(rows: Any, start: jax.Array, chunk: int) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0), rows)
+
+
+def _chunk_starts(n: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(nominal, actual) start of each chunk; actual starts are clamped so the last chunk ends at n."""
+    n_chunks = max(1, -(-n // chunk))
+    nominal = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
+    return nominal, jnp.minimum(nominal, n - chunk)
+
+
+def scan_top_k(
+    scorer: Scorer,
+    rows: Any,
+    shared: Any,
+    queries: jax.Array,
+    k: int,
+    chunk: int,
+    self_index: jax.Array | None = None,
+    exclude_self: bool = False,
+    ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The traceable core of `top_k`: the k best rows per query as (scores, labels).
+
+    Labels are row positions, or `ids[position]` when `ids` is given (rows whose id is negative are
+    padding and never returned); `self_index` is compared with the labels. Used per shard by sharding.
+    """
+    n = _num_rows(rows)
+    chunk = min(chunk, n) if scorer.chunkable else n  # a re-ranker reads the whole gallery's neighbourhoods
+    b = queries.shape[0]
+    if self_index is None:
+        self_index = jnp.full((b,), -1, jnp.int32)
+    nominal, actual = _chunk_starts(n, chunk)
+
+    def body(carry, starts):
+        best_s, best_i = carry
+        nominal_start, start = starts
+        pos = start + jnp.arange(chunk, dtype=jnp.int32)
+        local_self = self_index - start if ids is None else jnp.full_like(self_index, -1)
+        s = scorer.score(_chunk_at(rows, start, chunk), shared, queries, local_self).astype(jnp.float32)
+        label = pos if ids is None else jax.lax.dynamic_slice_in_dim(ids, start, chunk)
+        invalid = (pos < nominal_start)[None, :]  # already scored by the chunk before
+        if ids is not None:
+            invalid = invalid | (label < 0)[None, :]
+        if exclude_self:
+            invalid = invalid | (label[None, :] == self_index[:, None])
+        s = jnp.where(invalid, -jnp.inf, s)
+        all_s = jnp.concatenate([best_s, s], axis=1)
+        all_i = jnp.concatenate([best_i, jnp.broadcast_to(label, s.shape)], axis=1)
+        top_s, at = jax.lax.top_k(all_s, k)
+        return (top_s, jnp.take_along_axis(all_i, at, axis=1)), None
+
+    init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
+    (scores, indices), _ = jax.lax.scan(body, init, (nominal, actual))
+    return scores, jnp.where(jnp.isfinite(scores), indices, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("scorer", "k", "chunk", "exclude_self"))
+def top_k(
+    scorer: Scorer,
+    state: tuple[Any, Any],
+    queries: jax.Array,
+    k: int,
+    chunk: int = 8192,
+    self_index: jax.Array | None = None,
+    exclude_self: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The k best gallery items per query, scanning the gallery `chunk` rows at a time."""
+    rows, shared = state
+    return scan_top_k(scorer, rows, shared, queries, k, chunk, self_index, exclude_self)
+
+
+def gallery_neighbours(
+    scorer: Scorer, state: tuple[Any, Any], gallery: jax.Array, k: int, query_chunk: int = 1024
+) -> tuple[jax.Array, jax.Array]:
+    """(N, k) similarities of each gallery row to its k nearest *other* rows under `scorer`, and their ids:
+    the one k-nearest-neighbours-excluding-self of the project (hard pairs, re-rankers, CSLS).
+
+    Rows are queried `query_chunk` at a time against the prepared `state` of the same `gallery`; the last
+    block is padded, so `top_k` compiles once."""
+    n = gallery.shape[0]
+    k = min(k, n - 1)
+    block = min(query_chunk, n)
+    sims, ids = [], []
+    for start in range(0, n, block):
+        q = gallery[start : start + block]
+        pad = block - q.shape[0]
+        self_index = jnp.arange(start, start + block, dtype=jnp.int32)
+        s, i = top_k(scorer, state, jnp.pad(q, ((0, pad), (0, 0))), k=k, self_index=self_index, exclude_self=True)
+        sims.append(s[: block - pad])
+        ids.append(i[: block - pad])
+    return jnp.concatenate(sims), jnp.concatenate(ids)
+
+
+@functools.partial(jax.jit, static_argnames=("scorer", "chunk"))
+def score_all(
+    scorer: Scorer, state: tuple[Any, Any], queries: jax.Array, self_index: jax.Array, chunk: int = 8192
+) -> jax.Array:
+    """Every gallery score for each query, (B, N): what evaluation needs for full-ranking metrics."""
+    rows, shared = state
+    n = _num_rows(rows)
+    if not scorer.chunkable:
+        return scorer.score(rows, shared, queries, self_index)
+    chunk = min(chunk, n)
+    _, actual = _chunk_starts(n, chunk)
+
+    def body(i, out):
+        start = actual[i]
+        s = scorer.score(_chunk_at(rows, start, chunk), shared, queries, self_index - start).astype(jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(out, s, start, axis=1)  # the overlap is rewritten equal
+
+    return jax.lax.fori_loop(0, actual.shape[0], body, jnp.zeros((queries.shape[0], n), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("cheap", "exact", "k", "m", "chunk", "exclude_self"))
+def shortlist_rerank(
+    cheap: Scorer,
+    cheap_state: tuple[Any, Any],
+    exact: Scorer,
+    exact_state: tuple[Any, Any],
+    queries: jax.Array,
+    k: int,
+    m: int,
+    chunk: int = 8192,
+    self_index: jax.Array | None = None,
+    exclude_self: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Shortlist the top `m` by a cheap scorer (e.g. cosine), then re-score only those with the exact
+    (learned) scorer and keep its top `k`. Returns (exact scores, indices), as `top_k`.
+
+    Costs one cheap scan plus B * m exact pair scores instead of B * N; it equals the exact ranking
+    whenever the exact top-k lie inside the cheap top-m. Both states must hold the same gallery.
+    """
+    if k > m:
+        raise ValueError(f"shortlist_rerank: k={k} must be <= m={m}")
+    crow, cshared = cheap_state
+    _, cand = scan_top_k(cheap, crow, cshared, queries, m, chunk, self_index, exclude_self)  # (B, m)
+    rows, shared = exact_state
+
+    def rescore(q, idx):  # one query against its m candidates
+        sub = jax.tree_util.tree_map(lambda x: jnp.take(x, jnp.maximum(idx, 0), axis=0), rows)
+        return exact.score(sub, shared, q[None], jnp.full((1,), -1, jnp.int32))[0]
+
+    s = jax.vmap(rescore)(queries, cand).astype(jnp.float32)
+    s = jnp.where(cand >= 0, s, -jnp.inf)
+    top_s, at = jax.lax.top_k(s, k)
+    top_i = jnp.take_along_axis(cand, at, axis=1)
+    return top_s, jnp.where(jnp.isfinite(top_s), top_i, -1)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """An uninitialised numpy array on a 64-byte boundary: on CPU `jax.device_put` then aliases it
+    instead of copying, so a gallery loaded into it costs its size in memory once, not twice."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(nbytes + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off:off + nbytes].view(dtype).reshape(shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _stored(scorer: Scorer, dtype: jnp.dtype) -> Scorer:
+    return with_storage(scorer, dtype)  # one wrapper per (scorer, dtype), so top_k compiles once
+
+
+def search(
+    scorer: Scorer,
+    gallery: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    chunk: int = 8192,
+    storage_dtype: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One-call search: prepares the gallery, ranks it, returns numpy (scores, indices).
+
+    `storage_dtype` (e.g. jnp.bfloat16) keeps the gallery features in that type (see `with_storage`).
+    """
+    if storage_dtype is not None:
+        scorer = _stored(scorer, jnp.dtype(storage_dtype))
+    state = scorer.prepare(jax.device_put(np.asarray(gallery)))  # no copy on CPU if 64-byte aligned
+    s, i = top_k(scorer, state, jnp.asarray(queries), k=k, chunk=chunk)
+    return np.asarray(s), np.asarray(i)

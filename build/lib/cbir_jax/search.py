@@ -1,0 +1,124 @@
+"""`python -m cbir_jax.search checkpoint=RUN_DIR query=IMAGE k=10` (or `head=cosine query=IMAGE`, or
+`index=FILE query=IMAGE`)
+
+Ranks the gallery (every image of `data`, or a saved index from `python -m cbir_jax.index`) for one query
+image; prints the ranked list and writes a PNG grid of the query and its top-k with scores into the run
+directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from cbir_jax.evaluation import figures
+from cbir_jax.scoring import heads, ranking, scorer as scorers
+from cbir_jax.features import postprocess
+from cbir_jax.training.checkpointing import CheckpointError
+from cbir_jax.runs.cli import overridden_keys, print_outputs, run_dir, run_or_exit, to_typed
+from cbir_jax.core.config import CONFIG_DIR
+from cbir_jax.core.errors import ConfigError
+from cbir_jax.api import Index
+from cbir_jax.data import DataError, ImageLoadError
+from cbir_jax.data.base import load_image_file
+from cbir_jax.runs.trained import load_trained, trained_scorer
+from cbir_jax.data.imageops import resize_square
+from cbir_jax.features.extract import forward_batches
+from cbir_jax.features.stage import load_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """One ranked gallery item: its id (a path under the gallery), score, class name, and how to show it."""
+
+    id: str
+    score: float
+    label: Optional[str]
+    image: Callable[[], np.ndarray]  # its picture, 128 x 128
+
+
+def _rank_gallery(
+    cfg, cfg_dict: DictConfig, query_image: np.ndarray, overridden: frozenset[str]
+) -> tuple[str, str, list[Hit]]:
+    """Extracts (or loads cached) features of every image of `data` and ranks them."""
+    if cfg.checkpoint:
+        run = Path(cfg.checkpoint)
+        cfg, info = load_trained(run, cfg_dict, overridden)
+        stage = load_stage(cfg, split_by="none")
+        scorer = trained_scorer(cfg, run, info, stage)
+    else:
+        if heads.is_learned(cfg.head.name):
+            raise CheckpointError(f"head={cfg.head.name} is learned: pass checkpoint=RUN_DIR (or a fixed head, e.g. head=cosine)")
+        stage = load_stage(cfg, split_by="none")
+        scorer = scorers.fixed_scorer(cfg.head.name)
+    fs = stage.features
+    query_raw = forward_batches(stage.backbone, [query_image], 1)
+    post = postprocess.fit(cfg.features, fs.features)
+    gallery, query = postprocess.apply(post, fs.features), postprocess.apply(post, query_raw)
+    s, idx = ranking.search(scorer, gallery, query, k=min(cfg.k, len(gallery)), chunk=cfg.eval.gallery_chunk)
+    labels, names = fs.labels, fs.dataset.class_names
+    hits = [Hit(fs.ids[i], float(score), names[labels[i]] if labels is not None and names else None,
+                functools.partial(fs.image, int(i))) for score, i in zip(s[0], idx[0]) if i >= 0]
+    return scorer.name, f"{fs.dataset.name} ({len(gallery)} images)", hits
+
+
+def _rank_index(cfg, query_image: np.ndarray, overridden: frozenset[str]) -> tuple[str, str, list[Hit]]:
+    """Ranks a saved index (`python -m cbir_jax.index`): no gallery image is read, no gallery feature computed."""
+    for key in ("data", "checkpoint", "backbone", "head", "features"):
+        if key in overridden:
+            raise ConfigError(f"index={cfg.index} holds its gallery, backbone, post-processing and scorer: drop {key}=")
+    index = Index.load(cfg.index)
+    scores, ids, _ = index.search(query_image, k=cfg.k)
+
+    def picture(i: int) -> np.ndarray:
+        try:
+            return resize_square(index.image(i), 128)
+        except ImageLoadError:  # the folder moved: the ranking stands, its picture is grey
+            return np.full((128, 128, 3), 128, np.uint8)
+
+    labels, names = index.labels, index.class_names
+    hits = [Hit(index.paths[i], float(score), names[labels[i]] if labels is not None and labels[i] >= 0 else None,
+                functools.partial(picture, int(i))) for score, i in zip(scores, ids) if i >= 0]
+    return index.scorer_name, f"index {cfg.index} ({len(index)} images)", hits
+
+
+def search(cfg_dict: DictConfig, out_dir: Path, overridden: frozenset[str] = frozenset()) -> list[tuple[str, float]]:
+    """Ranks the gallery (`data`, or the saved `index`) for `cfg.query`; prints the list and writes
+    search.png into `out_dir`."""
+    cfg = to_typed(cfg_dict)
+    if not cfg.query:
+        raise DataError("search needs query=PATH (an image file)")
+    if not Path(cfg.query).is_file():
+        raise DataError(f"query={cfg.query}: no such file")
+    query_image = load_image_file(cfg.query)
+    if cfg.index:
+        scorer_name, gallery, hits = _rank_index(cfg, query_image, overridden)
+    else:
+        scorer_name, gallery, hits = _rank_gallery(cfg, cfg_dict, query_image, overridden)
+    print(f"query: {cfg.query}   scorer: {scorer_name}   gallery: {gallery}")
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank:4d}  {hit.score: .5f}  {hit.id}" + (f"  [{hit.label}]" if hit.label else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = {scorer_name: [(hit.image(), hit.score, None) for hit in hits]}
+    figures.topk_grid(resize_square(query_image, 128), rows, out_dir / "search.png", title=str(cfg.query))
+    return [(hit.id, hit.score) for hit in hits]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    out_dir = run_dir()
+    run_or_exit(lambda: search(cfg, out_dir, overridden_keys()))
+    print_outputs(out_dir)
+
+
+if __name__ == "__main__":
+    main()

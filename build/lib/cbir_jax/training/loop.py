@@ -1,0 +1,188 @@
+"""The training loop: sampled pairs, heuristic targets, one jitted Optax step, Orbax checkpoints.
+
+Reproducible and resumable: epoch e's pairs come from a generator seeded with (seed, e), so a resumed
+run sees exactly the batches the uninterrupted run would have seen. With a `selection.BestKeeper`, the
+head is validated before the first step and after every epoch (records with `val_*` keys in
+metrics.jsonl; `epoch` there counts the epochs done), the best parameters are kept, and training stops
+early after `train.patience` validations without a new best. Every record goes through
+`metrics_log.MetricsLog` (metrics.jsonl and TensorBoard alike); `curves.png` is drawn from the log at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cbir_jax.training import checkpointing, curves, guards, losses, pairs, selection
+from cbir_jax.training.metrics_log import MetricsLog
+from cbir_jax.scoring import heads
+from cbir_jax.labels import targets as pair_labels
+from cbir_jax.core.errors import DivergedError, Interrupted
+from cbir_jax.core.registry import Registry
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
+OPTIMIZERS.register("adamw")(lambda lr, cfg: optax.adamw(lr, weight_decay=cfg.weight_decay))
+OPTIMIZERS.register("adam")(lambda lr, cfg: optax.adam(lr))
+OPTIMIZERS.register("sgd")(lambda lr, cfg: optax.sgd(lr, momentum=0.9))
+
+
+def learning_rate_schedule(cfg, total_steps: int) -> optax.ScalarOrSchedule:
+    """`train.schedule`: a schedule of the update count, or a constant as a plain float (a schedule would add
+    a counter to the optimizer state, and checkpoints of constant-rate runs would no longer restore)."""
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.learning_rate, min(cfg.warmup_steps, max(total_steps - 1, 0)), max(total_steps, 1)
+        )
+    if cfg.schedule == "constant":
+        return cfg.learning_rate
+    raise ValueError(f"train.schedule={cfg.schedule!r}: valid are cosine, constant")  # the schema rules it out
+
+
+def learning_rate_at(schedule: optax.ScalarOrSchedule, step: int) -> float:
+    """The rate the update that produced `step` used (optax counts updates from 0)."""
+    return float(schedule(max(step - 1, 0))) if callable(schedule) else float(schedule)
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    opt = OPTIMIZERS.get(cfg.optimizer)(learning_rate_schedule(cfg, total_steps), cfg)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt) if cfg.grad_clip else opt
+
+
+def make_train_step(head: nn.Module, tx: optax.GradientTransformation, loss_fn) -> Callable:
+    @jax.jit
+    def step(params, opt_state, features, i, j, targets):
+        def objective(p):
+            return loss_fn(head.apply({"params": p}, features[i], features[j]), targets)
+
+        loss, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def epoch_batches(
+    cfg, context: pair_labels.PairContext, n: int, nbrs: np.ndarray | None, epoch: int, steps: int, batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epoch `epoch`'s pairs and targets, each shaped (steps, batch) — or (steps, batch // M, M) in groups of
+    one anchor and M = `pairs.per_anchor` candidates."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    per_anchor = cfg.pairs.per_anchor
+    if per_anchor > 0:
+        groups = max(1, batch // per_anchor)
+        i, j = pairs.sample_anchor_groups(rng, n, steps * groups, per_anchor, cfg.pairs.hard_fraction, nbrs)
+        shape = (steps, groups, per_anchor)
+    else:
+        i, j = pairs.sample_pairs(rng, n, steps * batch, cfg.pairs.hard_fraction, nbrs)
+        shape = (steps, batch)
+    targets = pair_labels.pair_targets(context, i, j)
+    return tuple(x.reshape(shape) for x in (i, j, targets))
+
+
+def train_head(
+    cfg,
+    head: nn.Module,
+    features: np.ndarray,
+    context: pair_labels.PairContext,
+    run_dir: Path,
+    keeper: "selection.BestKeeper | None" = None,
+) -> dict[str, Any]:
+    """Trains `head` on pairs of `features` rows; returns the final parameters (the best ones are on disk
+    with `keeper`).
+
+    Ctrl-C and divergence stop it with one line, after any checkpoint being written has completed.
+    """
+    state: dict[str, Any] = {}  # the loop's manager and step, for the messages below
+    try:
+        return _train_head(cfg, head, features, context, run_dir, state, keeper)
+    except (KeyboardInterrupt, DivergedError) as e:
+        if "mngr" not in state:
+            raise
+        state["progress"].close()  # ends the bar's line: the error is a line of its own
+        state["mngr"].wait_until_finished()  # an async save in flight completes: checkpoints stay consistent
+        state["mngr"].reload()  # steps finalised by the wait are not in its cached list yet
+        last = state["mngr"].latest_step()
+        kept = f"last checkpoint: step {last}" if last is not None else "no checkpoint yet"
+        if isinstance(e, DivergedError):
+            raise DivergedError(f"{e}; {kept} (kept in {run_dir / 'checkpoints'})") from None
+        raise Interrupted(
+            f"interrupted at step {state['step']} ({kept}); resume with train.resume=true hydra.run.dir={run_dir}"
+        ) from None
+
+
+def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, Any], keeper=None) -> dict[str, Any]:
+    params = heads.init_params(head, features.shape[1], jax.random.key(cfg.seed))
+    n = len(features)
+    batch = min(cfg.train.batch_size, cfg.pairs.pairs_per_epoch)
+    steps_per_epoch = max(1, cfg.pairs.pairs_per_epoch // batch)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    tx = make_optimizer(cfg.train, total_steps)
+    opt_state = tx.init(params)
+    step_fn = make_train_step(head, tx, losses.get_loss(cfg.loss))
+    nbrs = pairs.neighbours(features, cfg.pairs.hard_k) if cfg.pairs.hard_fraction > 0 else None
+
+    mngr = checkpointing.manager(run_dir, cfg.train.max_to_keep)
+    step = 0
+    if cfg.train.resume and mngr.latest_step() is not None:
+        params, train_state = checkpointing.restore_all(mngr, params, {"opt_state": opt_state, "step": jnp.asarray(0)}, run_dir)
+        opt_state, step = train_state["opt_state"], int(train_state["step"])
+        log.info("resumed from step %d of %d", step, total_steps)
+    elif mngr.latest_step() is not None:
+        raise checkpointing.CheckpointError(
+            f"{run_dir} already holds checkpoints; pass train.resume=true to continue them"
+        )
+
+    feats = jnp.asarray(features)
+    lr = learning_rate_schedule(cfg.train, total_steps)
+    with MetricsLog(run_dir, keep_up_to=step) as metrics:  # each step once, also after a resume
+        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
+        state.update(mngr=mngr, step=step, progress=progress)
+        loss_sum, loss_count = 0.0, 0
+        if keeper is not None and step % steps_per_epoch == 0 and not keeper.already_validated(step):
+            # the starting point is a candidate too: a residual head that training only hurts keeps its base metric
+            metrics.write({"step": step, "epoch": step // steps_per_epoch, **keeper.validate(step, step // steps_per_epoch, params)})
+        stopped = keeper is not None and keeper.selection.should_stop(cfg.train.patience)
+        while step < total_steps and not stopped:
+            epoch, offset = divmod(step, steps_per_epoch)
+            i, j, targets = epoch_batches(cfg, context, n, nbrs, epoch, steps_per_epoch, batch)
+            for b in range(offset, steps_per_epoch):
+                params, opt_state, loss = step_fn(params, opt_state, feats, i[b], j[b], targets[b])
+                step += 1
+                state["step"] = step
+                guards.check_loss(step, float(loss))  # stops before a NaN reaches the log or a checkpoint
+                loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    record = {"step": step, "epoch": epoch, "loss": loss_sum / loss_count,
+                              "learning_rate": learning_rate_at(lr, step)}
+                    metrics.write(record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    loss_sum, loss_count = 0.0, 0
+                if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
+                    guards.check_params(step, params)
+                    checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
+            if keeper is not None:
+                metrics.write({"step": step, "epoch": epoch + 1, **keeper.validate(step, epoch + 1, params)})
+                stopped = keeper.selection.should_stop(cfg.train.patience)
+                if stopped:
+                    log.info("early stop after epoch %d: no better validation %s for %d epochs (best: step %d)",
+                             epoch + 1, keeper.metric, cfg.train.patience, keeper.selection.best_step)
+        progress.close()
+    curves.write_curves(run_dir, title=f"head={cfg.head.name} labels={cfg.labels.name} loss={cfg.loss.name}")
+    if mngr.latest_step() != step:  # e.g. a resumed run that was already complete
+        checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
+    mngr.wait_until_finished()
+    mngr.close()
+    if keeper is not None:
+        keeper.close()
+    return params

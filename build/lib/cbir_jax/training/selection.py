@@ -1,0 +1,151 @@
+"""Validation and model selection: MAP@R on validation classes, the best parameters kept, early stopping.
+
+The validation rows come from the training side (`data.split.val_fraction`, cbir_jax/data/splits.py), so the
+held-out categories are never looked at before the final table. The best parameters are kept in an Orbax
+manager of their own (`RUN/best/`, one checkpoint), beside `best.json` with the step, the value and the
+history, so `evaluate checkpoint=RUN` can use them and a resumed run continues the same selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from cbir_jax.features.stage import as_gallery
+from cbir_jax.training import checkpointing
+from cbir_jax.evaluation.retrieval import evaluate_scorer
+from cbir_jax.scoring.compose import head_scorer
+from cbir_jax.scoring.scorer import Scorer
+
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Validator:
+    """Leave-one-out retrieval metrics of a scorer on the validation rows (each a query against the others)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    def __call__(self, scorer: Scorer) -> dict[str, float]:
+        n = len(self.features)
+        return evaluate_scorer(
+            scorer, self.features, self.features, self.labels, self.labels, np.arange(n), query_chunk=min(256, n)
+        )
+
+
+def improved(value: float, best: Optional[float], min_delta: float = 0.0) -> bool:
+    """Higher is better; a NaN never improves; the first finite value always does."""
+    if value is None or math.isnan(value):
+        return False
+    return best is None or value > best + min_delta
+
+
+@dataclasses.dataclass
+class Selection:
+    """Best-so-far bookkeeping, persisted as best.json (so a resumed run keeps selecting the same way)."""
+
+    metric: str
+    best_value: Optional[float] = None
+    best_step: Optional[int] = None
+    best_epoch: Optional[int] = None
+    evaluations_since_best: int = 0
+    history: list = dataclasses.field(default_factory=list)
+
+    def record(self, step: int, epoch: int, value: float) -> bool:
+        """Adds one validation result; True if it is the new best."""
+        self.history.append({"step": step, "epoch": epoch, "value": value})
+        if improved(value, self.best_value):
+            self.best_value, self.best_step, self.best_epoch = value, step, epoch
+            self.evaluations_since_best = 0
+            return True
+        self.evaluations_since_best += 1
+        return False
+
+    def should_stop(self, patience: Optional[int]) -> bool:
+        """Early stopping: `patience` validations in a row without a new best (None: never)."""
+        return patience is not None and self.evaluations_since_best >= patience
+
+    def save(self, run_dir: Path) -> None:
+        (Path(run_dir) / BEST_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path, metric: str) -> "Selection":
+        path = Path(run_dir) / BEST_FILE
+        if not path.exists():
+            return cls(metric=metric)
+        return cls(**json.loads(path.read_text()))
+
+
+class BestKeeper:
+    """Validates after each epoch (and before the first step), keeps the best parameters on disk."""
+
+    def __init__(self, run_dir: Path, validator: Validator, make_scorer: Callable[[Any], Scorer], metric: str = "map_at_r"):
+        self.run_dir = Path(run_dir)
+        self.validator = validator
+        self.make_scorer = make_scorer
+        self.metric = metric
+        self.selection = Selection.load(self.run_dir, metric)
+        self.manager = checkpointing.manager(self.run_dir, max_to_keep=1, subdir=BEST_DIR)
+        self.best_params: Any = None  # a host copy of the best found in this process (None after a resume)
+
+    def validate(self, step: int, epoch: int, params: Any) -> dict[str, float]:
+        """Validation metrics of `params`; saves them as the best if they are. Returns the record to log."""
+        metrics = self.validator(self.make_scorer(params))
+        value = metrics[self.metric]
+        is_best = self.selection.record(step, epoch, value)
+        if is_best:
+            checkpointing.save_params(self.manager, step, params)
+            self.best_params = jax.device_get(params)
+        self.selection.save(self.run_dir)
+        record = {f"val_{k}": v for k, v in metrics.items() if k != "skipped_queries"}
+        return {**record, "best_step": self.selection.best_step}
+
+    def already_validated(self, step: int) -> bool:
+        return any(h["step"] == step for h in self.selection.history)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def describe(sel: Selection, base: Optional[str] = None) -> str:
+    """One line on what validation selected; says so plainly when it kept the starting point."""
+    if sel.best_step is None:
+        return ""
+    values = [h["value"] for h in sel.history]
+    line = (f"validation {sel.metric}: start {values[0]:.4f}, best {sel.best_value:.4f} at step {sel.best_step} "
+            f"(epoch {sel.best_epoch}), last {values[-1]:.4f}")
+    if sel.best_step == 0 and base:
+        line += (f". Training never beat the starting point on the validation classes, so the head kept is "
+                 f"exactly its base metric ({base}).")
+    return line
+
+
+def make_keeper(cfg, stage, head, out_dir: Path) -> Optional[BestKeeper]:
+    """A BestKeeper over the split's validation rows (post-processed as a gallery of their own, as evaluation
+    does), or None where the split has none."""
+    fs, rows = stage.features, stage.split.val
+    if not len(rows):
+        if cfg.train.patience is not None:
+            raise ValueError("train.patience needs validation rows: set data.split.val_fraction > 0")
+        return None
+    validator = Validator(as_gallery(cfg, fs.features[rows]), fs.labels[rows])
+    return BestKeeper(out_dir, validator, lambda p: head_scorer(cfg.head, head, p))
+
+
+def selected_params(select: str, run: Path, last_params: Any, keeper: Optional[BestKeeper] = None) -> Any:
+    """The parameters `eval.select` names: `last_params`, or the run's best-on-validation ones if it has them
+    (from `keeper`'s host copy when it holds one, else from RUN/best)."""
+    if checkpointing.resolve(run, select) == "last":
+        return last_params
+    if keeper is not None and keeper.best_params is not None:
+        return keeper.best_params
+    return checkpointing.restore_params(run, last_params, "best")
