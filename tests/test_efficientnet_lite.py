@@ -131,6 +131,21 @@ def test_runtime_never_imports_torch():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_training_logs_never_import_torch(tmp_path):
+    """tensorboardX imports torch whenever it can; the run's TensorBoard writer must not let it."""
+    pytest.importorskip("torch", reason="only meaningful where torch is installed")
+    code = (
+        "import sys, pathlib\n"
+        "from cbir_jax.training.metrics_log import MetricsLog\n"
+        f"with MetricsLog(pathlib.Path({str(tmp_path)!r}), keep_up_to=0) as log:\n"
+        "    log.write({'step': 1, 'loss': 0.5})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp_path / "tensorboard").iterdir())  # the event file was written all the same
+
+
 def _real_images() -> dict[str, np.ndarray]:
     from PIL import Image
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
-
-from tensorboardX import SummaryWriter
 
 from cbir_jax.core.files import atomic_write_text
 
@@ -87,7 +86,7 @@ class MetricsLog:
         board = self.run_dir / TENSORBOARD_DIR
         for old in board.glob(EVENT_FILES):  # rebuilt below from the records kept: each step once
             old.unlink()
-        self._writer = SummaryWriter(str(board), flush_secs=FLUSH_SECS)
+        self._writer = _summary_writer_class()(str(board), flush_secs=FLUSH_SECS)
         for record in read_records(self.run_dir):
             self._add_scalars(record)
 
@@ -109,3 +108,18 @@ class MetricsLog:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch whenever it is
+    installed (to accept torch tensors), which would cost a JAX training run about a second and a second
+    thread pool for nothing. Scalars never reach that path."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # an import of torch raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter
