@@ -1,8 +1,0 @@
-"""Backbones turn images into feature vectors; importing this package registers all of them."""
-
-from cbir_jax.backbones.base import BACKBONES, Backbone, build_backbone
-from cbir_jax.backbones import pixels  # noqa: F401  (registers "pixels")
-from cbir_jax.backbones import efficientnet_lite  # noqa: F401  (registers "efficientnet_lite0")
-from cbir_jax.backbones import resnet  # noqa: F401  (registers "resnet50")
-
-__all__ = ["BACKBONES", "Backbone", "build_backbone"]
