@@ -29,8 +29,7 @@ from cbir_jax.features import postprocess
 from cbir_jax.training.checkpointing import CheckpointError
 from cbir_jax.runs.cli import overridden_keys, print_outputs, run_dir, run_or_exit, to_typed
 from cbir_jax.core.config import CONFIG_DIR
-from cbir_jax.core.errors import ConfigError
-from cbir_jax.api import Index
+from cbir_jax.api.index import Index, refuse_overrides
 from cbir_jax.data import DataError, ImageLoadError
 from cbir_jax.data.base import load_image_file
 from cbir_jax.runs.trained import load_trained, trained_scorer
@@ -78,9 +77,7 @@ def _rank_gallery(
 
 def _rank_index(cfg, query_image: np.ndarray, overridden: frozenset[str]) -> tuple[str, str, list[Hit]]:
     """Ranks a saved index (`python -m cbir_jax.index`): no gallery image is read, no gallery feature computed."""
-    for key in ("data", "checkpoint", "backbone", "head", "features"):
-        if key in overridden:
-            raise ConfigError(f"index={cfg.index} holds its gallery, backbone, post-processing and scorer: drop {key}=")
+    refuse_overrides(cfg.index, overridden)
     index = Index.load(cfg.index)
     scores, ids, _ = index.search(query_image, k=cfg.k)
 

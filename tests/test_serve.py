@@ -314,3 +314,26 @@ def test_a_checkpoint_puts_its_head_first_and_ranks_as_the_head_scores(tmp_path)
     order = np.argsort(-every, kind="stable")[: gallery.k]
     np.testing.assert_allclose(ranked.scores, every[order], rtol=1e-4, atol=1e-5)
     assert set(ranked.rows.tolist()) == set(order.tolist())
+
+
+def test_a_saved_index_is_served_without_extracting_again(site, tmp_path, monkeypatch):
+    """`serve index=FILE`: the index's features, post-processing and scorer (first), then serve.scorers; symlinks
+    out of its folder stay unserved; nothing goes through the feature-extraction stage."""
+    import cbir_jax
+    from cbir_jax.core.errors import ConfigError
+    from cbir_jax.serve import gallery as gallery_lib
+
+    index = cbir_jax.Index.build("pixels", site["root"], scorer="euclid")
+    path = index.save(tmp_path / "gallery.index")
+    monkeypatch.setattr(gallery_lib, "load_stage", lambda *a, **k: pytest.fail("features extracted again"))
+    served = prepare_gallery(compose_config(f"index={path}", "serve.scorers=[cosine,dba_alpha_qe]"))
+    assert list(served.scorers) == ["euclid", "cosine", "dba_alpha_qe"]
+    assert sorted(served.ids) == sorted(p for p in index.paths if "link" not in p) and len(served) == 10
+    rows = [index.paths.index(i) for i in served.ids]
+    np.testing.assert_allclose(served.features, index.gallery()[rows], atol=1e-6)
+    row, twin = served.ids.index("cat/0.png"), served.ids.index("cat/0_copy.png")
+    euclid = search_row(served, row)[0]
+    assert euclid.scorer == "euclid" and euclid.rows[0] == twin and row not in euclid.rows
+    assert served.label_name(row) == "cat" and served.load(row).shape == (96, 96, 3)
+    with pytest.raises(ConfigError, match="drop data="):
+        prepare_gallery(compose_config(f"index={path}", "data=folder", f"data.root={site['root']}"), frozenset({"data"}))

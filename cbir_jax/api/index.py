@@ -35,7 +35,7 @@ from cbir_jax.backbones import Backbone, build_backbone
 from cbir_jax.core.config import (
     BackboneConfig, DataConfig, EvalConfig, FeaturesConfig, LabelsConfig, default_cache_dir, preset,
 )
-from cbir_jax.core.errors import UserError
+from cbir_jax.core.errors import ConfigError, UserError
 from cbir_jax.core.registry import UnknownComponentError
 from cbir_jax.data import ImageDataset, ImageLoadError, build_dataset
 from cbir_jax.data.base import load_image_file, pil_to_rgb, to_rgb_uint8
@@ -109,6 +109,17 @@ def _plain(cfg: Any) -> dict[str, Any]:
 def _typed(schema: type, values: dict[str, Any]) -> Any:
     """Values read back from an index file as the typed config (checked by the schema)."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+
+
+# What a saved index fixes for itself: a command given one of these beside `index=` would silently ignore it.
+INDEX_FIXES = ("data", "checkpoint", "backbone", "head", "features")
+
+
+def refuse_overrides(index_path: str, overridden: frozenset[str]) -> None:
+    """One line for `search index=FILE data=...` (and the like): the index already decides those keys."""
+    for key in INDEX_FIXES:
+        if key in overridden:
+            raise ConfigError(f"index={index_path} holds its gallery, backbone, post-processing and scorer: drop {key}=")
 
 
 class Index:

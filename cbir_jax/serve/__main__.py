@@ -1,4 +1,4 @@
-"""`python -m cbir_jax.serve [checkpoint=RUN_DIR] [data=folder data.root=DIR] [serve.port=8000]`
+"""`python -m cbir_jax.serve [checkpoint=RUN_DIR] [data=folder data.root=DIR | index=FILE] [serve.port=8000]`
 
 Prepares the gallery once (features, the head, every scorer's state, compiled ranking), then serves the
 search page on `serve.host` (loopback by default) and prints its URL. Needs the [serve] extra.
@@ -7,6 +7,7 @@ Examples:
   python -m cbir_jax.serve                                           # the embedded photos
   python -m cbir_jax.serve checkpoint=outputs/runs/<date>/<time> data=folder data.root=DIR
   python -m cbir_jax.serve serve.port=8080 'serve.scorers=[cosine,diffusion]'
+  python -m cbir_jax.serve index=photos.index                        # a saved index: nothing re-extracted
 """
 
 from __future__ import annotations

@@ -74,9 +74,20 @@ class PreparedGallery:
         return len(self.ids)
 
     def label_name(self, row: int) -> Optional[str]:
-        if self.labels is None or not self.class_names:
+        if self.labels is None or not self.class_names or self.labels[row] < 0:  # -1: an unlabelled index row
             return None
         return self.class_names[int(self.labels[row])]
+
+
+def _named_scorers(cfg: Config) -> dict[str, scorers.Scorer]:
+    """`serve.scorers` by name; a typo fails before any feature is loaded."""
+    named = {}
+    for name in cfg.serve.scorers:
+        try:
+            named[name] = baseline_scorer(name)
+        except UnknownComponentError as e:  # its message names eval.baselines, where evaluate reads them
+            raise UnknownComponentError(str(e).replace("eval.baselines", "serve.scorers")) from None
+    return named
 
 
 def _gallery_scorers(now: Config, cfg_dict: DictConfig, overridden: frozenset[str]):
@@ -84,12 +95,7 @@ def _gallery_scorers(now: Config, cfg_dict: DictConfig, overridden: frozenset[st
 
     The named scorers are built first, so a typo fails before any features are loaded.
     """
-    named = {}
-    for name in now.serve.scorers:
-        try:
-            named[name] = baseline_scorer(name)
-        except UnknownComponentError as e:  # its message names eval.baselines, where evaluate reads them
-            raise UnknownComponentError(str(e).replace("eval.baselines", "serve.scorers")) from None
+    named = _named_scorers(now)
     chosen: dict[str, scorers.Scorer] = {}
     cfg = now
     if cfg.checkpoint:
@@ -116,42 +122,68 @@ def rows_inside_root(cfg: Config, fs: FeatureSet) -> np.ndarray:
     """
     if cfg.data.name != "folder":
         return np.arange(len(fs))
-    root = Path(os.path.expanduser(cfg.data.root)).resolve()
-    inside = [r for r, image_id in enumerate(fs.ids) if (root / image_id).resolve().is_relative_to(root)]
-    if len(inside) < len(fs):
-        log.warning("not served: %d files that resolve outside data.root (symlinks)", len(fs) - len(inside))
+    return _inside(cfg.data.root, fs.ids)
+
+
+def _inside(root: str, relative_paths: list[str]) -> np.ndarray:
+    root_dir = Path(os.path.expanduser(root)).resolve()
+    inside = [r for r, rel in enumerate(relative_paths) if (root_dir / rel).resolve().is_relative_to(root_dir)]
+    if len(inside) < len(relative_paths):
+        log.warning("not served: %d files that resolve outside %s (symlinks)", len(relative_paths) - len(inside), root)
     return np.asarray(inside, np.int64)
 
 
 def prepare_gallery(cfg_dict: DictConfig, overridden: frozenset[str] = frozenset()) -> PreparedGallery:
     """Loads features and scorers, prepares every scorer's gallery state and compiles the query path."""
-    cfg, stage, chosen = _gallery_scorers(to_typed(cfg_dict), cfg_dict, overridden)
+    now = to_typed(cfg_dict)
+    if now.index:
+        return prepare_index_gallery(now, overridden)
+    cfg, stage, chosen = _gallery_scorers(now, cfg_dict, overridden)
     fs = stage.features
     keep = rows_inside_root(cfg, fs)
     if len(keep) == 0:
         raise DataError(f"data.root={cfg.data.root}: no image lies inside the root")
     raw = fs.features[keep]
     post = postprocess.fit(cfg.features, raw)
-    features = np.asarray(postprocess.apply(post, raw), np.float32)
+    labels = fs.labels
+    dataset_rows = fs.keep[keep]
+    return _assemble(
+        cfg, chosen, name=fs.dataset.name, ids=[fs.ids[r] for r in keep], labels=None if labels is None else labels[keep],
+        class_names=list(fs.dataset.class_names), features=postprocess.apply(post, raw), post=post,
+        backbone=stage.backbone, load=lambda row: fs.dataset.load(int(dataset_rows[row])),
+    )
+
+
+def prepare_index_gallery(cfg: Config, overridden: frozenset[str] = frozenset()) -> PreparedGallery:
+    """The page over a saved index (`python -m cbir_jax.index`): its features, post-processing and scorer
+    (first), then `serve.scorers` on the same features. No gallery feature is computed again."""
+    from cbir_jax.api.index import Index, refuse_overrides  # the page is an entry point: it may use the API
+
+    refuse_overrides(cfg.index, overridden)
+    named = _named_scorers(cfg)
+    index = Index.load(cfg.index)
+    chosen = {index.scorer_name: index.scorer, **{n: s for n, s in named.items() if n != index.scorer_name}}
+    keep = _inside(index.root, index.paths)
+    if len(keep) == 0:
+        raise DataError(f"index={cfg.index}: no image lies inside its folder {index.root}")
+    labels = index.labels
+    return _assemble(
+        cfg, chosen, name=f"index {Path(cfg.index).name}", ids=[index.paths[r] for r in keep],
+        labels=None if labels is None else labels[keep], class_names=list(index.class_names),
+        features=index.gallery()[keep], post=index.post, backbone=index.backbone,
+        load=lambda row: index.image(int(keep[row])),
+    )
+
+
+def _assemble(cfg: Config, chosen: dict[str, scorers.Scorer], *, features: np.ndarray, **fields: Any) -> PreparedGallery:
+    """Prepares every scorer's gallery state on the post-processed `features` and compiles the query path."""
+    features = np.asarray(features, np.float32)
     device_gallery = jax.device_put(features)
     prepared = {}
     for name, scorer in chosen.items():
         chunk = cfg.eval.gallery_chunk if scorer.chunkable else len(features)
         prepared[name] = (scorer, scorer.prepare(device_gallery), chunk)
-    labels = fs.labels
-    dataset_rows = fs.keep[keep]
-    gallery = PreparedGallery(
-        name=fs.dataset.name,
-        ids=[fs.ids[r] for r in keep],
-        labels=None if labels is None else labels[keep],
-        class_names=list(fs.dataset.class_names),
-        features=features,
-        post=post,
-        backbone=stage.backbone,
-        scorers=prepared,
-        k=max(1, min(cfg.k, len(features))),
-        load=lambda row: fs.dataset.load(int(dataset_rows[row])),
-    )
+    gallery = PreparedGallery(features=features, scorers=prepared, k=max(1, min(cfg.k, len(features))), **fields)
     warm_up(gallery)
     return gallery
 
