@@ -298,7 +298,9 @@ class Index:
     def embed(self, queries: Query, *, raw: bool = False) -> np.ndarray:
         """Features (B, D) of queries as the scorer sees them (post-processed), or the backbone's raw ones
         (what the faiss export takes: its post-processing is inside it)."""
-        images, _ = as_images(queries)
+        return self._embed(as_images(queries)[0], raw)
+
+    def _embed(self, images: list[np.ndarray], raw: bool = False) -> np.ndarray:
         feats = forward_batches(self.backbone, images, min(self.batch_size, len(images)))
         return feats if raw else postprocess.apply(self._data.post, feats)
 
@@ -316,7 +318,7 @@ class Index:
         gives (B, k), (B, k) and B lists. k is capped at the gallery size.
         """
         images, single = as_images(queries)
-        q = self.embed(images)
+        q = self._embed(images)  # decoded once: `embed(images)` would convert each array again
         if self._state is None:
             self._state = self.scorer.prepare(jax.device_put(self.gallery()))
         k = max(1, min(int(k), len(self)))
