@@ -59,7 +59,7 @@ def side_fixed_ours(n: int, metrics: list[str], reps: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from cbir_jax.scoring import ranking, scorer as scorers
+    from cbir_jax.scoring import ranking, scorers
 
     g, q_all = _ours_data(n, max(BATCHES), seed=n)
     out: dict[str, Any] = {"times": {}, "arrays": {}}
@@ -161,7 +161,7 @@ def side_storage(n: int, dtype: str, reps: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from cbir_jax.scoring import ranking, scorer as scorers
+    from cbir_jax.scoring import ranking, scorers
 
     g, q = _ours_data(n, 256, seed=7)
     qj = jnp.asarray(q)
@@ -199,7 +199,7 @@ def _mlp_layers() -> tuple[Any, Any, list[tuple[np.ndarray, np.ndarray]]]:
     """The head, its parameters (key 0) and its layers as numpy arrays (the numpy side gets the same values)."""
     import jax
 
-    from cbir_jax.scoring import heads, scorer as scorers
+    from cbir_jax.scoring import heads, scorers
     from cbir_jax.core.config import HeadConfig
 
     head = heads.build_head(HeadConfig(name="mlp", hidden=[HIDDEN]))
@@ -211,7 +211,7 @@ def side_mlp_ours(cases: list[list[int]], reps: int, fast: bool) -> dict[str, An
     import jax
     import jax.numpy as jnp
 
-    from cbir_jax.scoring import ranking, scorer as scorers
+    from cbir_jax.scoring import ranking, scorers
 
     head, params, _ = _mlp_layers()
     out: dict[str, Any] = {"times": {}, "arrays": {}, "info": {}}
@@ -301,7 +301,7 @@ def side_rss(n: int, batches: list[int]) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from cbir_jax.scoring import ranking, scorer as scorers
+    from cbir_jax.scoring import ranking, scorers
 
     g = ranking.aligned_empty((n, D))
     rng = np.random.default_rng(0)

@@ -69,13 +69,13 @@ def side_dba(n: int, reps: int) -> dict[str, Any]:
 def side_learned(n: int, reps: int, loo: bool = False) -> dict[str, Any]:
     import jax
 
-    from cbir_jax.scoring import learned_rerank as lr
+    from cbir_jax.scoring import learned_rerank
 
-    spec = lr.RerankerSpec(k=K, alpha=ALPHA, qe_k=QE_K, qe_alpha=QE_ALPHA)
-    model = lr.build_model(spec)
-    params = lr.init_params(model, spec, jax.random.key(0))
-    plain = lr.learned_scorer(model, params, spec, leave_one_out=False)
-    loo_prepare = (lambda g: lr.prepare_gallery(model, params, spec, g, loo=True)) if loo else None
+    spec = learned_rerank.RerankerSpec(k=K, alpha=ALPHA, qe_k=QE_K, qe_alpha=QE_ALPHA)
+    model = learned_rerank.build_model(spec)
+    params = learned_rerank.init_params(model, spec, jax.random.key(0))
+    plain = learned_rerank.learned_scorer(model, params, spec, leave_one_out=False)
+    loo_prepare = (lambda g: learned_rerank.prepare_gallery(model, params, spec, g, loo=True)) if loo else None
     return _measure(plain, n, reps, loo_prepare=loo_prepare)
 
 

@@ -23,7 +23,7 @@ from cbir_jax.evaluation.runner import evaluate_stage
 from cbir_jax.features.stage import load_stage
 from cbir_jax.runs.cli import overridden_keys, print_outputs, run_dir, run_or_exit, to_typed
 from cbir_jax.runs.trained import load_trained, trained_scorer
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 
 
 def evaluate(cfg_dict: DictConfig, out_dir: Path, overridden: frozenset[str] = frozenset()) -> dict[str, dict[str, float]]:

@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from cbir_jax.evaluation import figures
-from cbir_jax.scoring import heads, ranking, scorer as scorers
+from cbir_jax.scoring import heads, ranking, scorers
 from cbir_jax.features import postprocess
 from cbir_jax.training.checkpointing import CheckpointError
 from cbir_jax.runs.cli import overridden_keys, print_outputs, run_dir, run_or_exit, to_typed

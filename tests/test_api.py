@@ -24,14 +24,14 @@ from cbir_jax.api import IndexFileError, QueryError
 from cbir_jax.core.config import DataConfig, FeaturesConfig
 from cbir_jax.core.registry import UnknownComponentError
 from cbir_jax.data import ImageLoadError
-from cbir_jax.data.embedded import build as build_embedded
+from cbir_jax.data import embedded
 from helpers import compose_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _write_photos(root: Path, views: int, photos: int | None = None) -> Path:
-    dataset = build_embedded(DataConfig(views_per_image=views))
+    dataset = embedded.build(DataConfig(views_per_image=views))
     keep = set(dataset.class_names[:photos]) if photos else None
     for i, image_id in enumerate(dataset.ids):
         if keep is None or image_id.split("/")[0] in keep:

@@ -7,7 +7,7 @@ import pytest
 
 from cbir_jax.scoring import heads
 from cbir_jax.training import losses
-from cbir_jax.labels import targets as pair_labels
+from cbir_jax.labels import pair_labels
 from cbir_jax.features import postprocess
 from cbir_jax.core.config import FeaturesConfig, HeadConfig, LossConfig, SplitConfig
 from cbir_jax.data import DataError

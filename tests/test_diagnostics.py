@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cbir_jax.evaluation import diagnostics as diag
+from cbir_jax.evaluation import diagnostics
 from cbir_jax.runs.cli import to_typed
 from cbir_jax.train import train
 
@@ -15,16 +15,16 @@ from helpers import compose_config
 
 def test_roc_auc_by_hand():
     # positives {0.4, 0.8} vs negatives {0.1, 0.5}: 3 of the 4 (pos, neg) pairs are ordered right
-    assert diag.roc_auc(np.array([0.1, 0.4, 0.5, 0.8]), np.array([0, 1, 0, 1], bool)) == pytest.approx(0.75)
-    assert diag.roc_auc(np.array([1.0, 2.0, 3.0]), np.array([0, 1, 1], bool)) == 1.0
-    assert diag.roc_auc(np.array([3.0, 2.0, 1.0]), np.array([0, 1, 1], bool)) == 0.0  # inverted
-    assert diag.roc_auc(np.ones(4), np.array([0, 1, 0, 1], bool)) == 0.5  # ties count 1/2
+    assert diagnostics.roc_auc(np.array([0.1, 0.4, 0.5, 0.8]), np.array([0, 1, 0, 1], bool)) == pytest.approx(0.75)
+    assert diagnostics.roc_auc(np.array([1.0, 2.0, 3.0]), np.array([0, 1, 1], bool)) == 1.0
+    assert diagnostics.roc_auc(np.array([3.0, 2.0, 1.0]), np.array([0, 1, 1], bool)) == 0.0  # inverted
+    assert diagnostics.roc_auc(np.ones(4), np.array([0, 1, 0, 1], bool)) == 0.5  # ties count 1/2
 
 
 def test_spearman_sees_order_only():
     x = np.random.default_rng(0).normal(size=50)
-    assert diag.spearman(x, np.exp(3 * x)) == pytest.approx(1.0)
-    assert diag.spearman(x, -x) == pytest.approx(-1.0)
+    assert diagnostics.spearman(x, np.exp(3 * x)) == pytest.approx(1.0)
+    assert diagnostics.spearman(x, -x) == pytest.approx(-1.0)
 
 
 def _pairs(n=40, m=3000, seed=0):
@@ -37,26 +37,26 @@ def _pairs(n=40, m=3000, seed=0):
 def test_additive_share_separates_per_image_from_pair_effects():
     i, j, rng = _pairs()
     a = rng.normal(size=40)
-    assert diag.additive_share(i, j, a[i] + a[j], 40) == pytest.approx(1.0, abs=1e-6)
+    assert diagnostics.additive_share(i, j, a[i] + a[j], 40) == pytest.approx(1.0, abs=1e-6)
     x = rng.normal(size=(40, 16))
     pair = np.sum(x[i] * x[j], -1)  # a pure pair effect: zero-mean vectors, no per-image propensity
-    assert diag.additive_share(i, j, pair, 40) < 0.1
+    assert diagnostics.additive_share(i, j, pair, 40) < 0.1
     mixed = 3 * (a[i] + a[j]) + pair
-    share = diag.additive_share(i, j, mixed, 40)
+    share = diagnostics.additive_share(i, j, mixed, 40)
     expected = np.var(3 * (a[i] + a[j])) / np.var(mixed)
     assert share == pytest.approx(expected, abs=0.1)
     # the pair part of the mixture is the pair effect again
-    assert diag.spearman(diag.pair_part(i, j, mixed, 40), pair) > 0.95
+    assert diagnostics.spearman(diagnostics.pair_part(i, j, mixed, 40), pair) > 0.95
 
 
 def test_hubness_of_known_lists():
     n, k = 200, 10
     uniform = (np.arange(n)[:, None] + np.arange(1, k + 1)[None, :]) % n  # every item in exactly k lists
-    h = diag.hubness(uniform, n)
+    h = diagnostics.hubness(uniform, n)
     assert h["skewness"] == 0.0 and h["top1pct_share"] == pytest.approx(2 * k / (n * k))
     hub = uniform.copy()
     hub[:, 0] = 0  # item 0 in every list
-    h = diag.hubness(hub, n)
+    h = diagnostics.hubness(hub, n)
     assert h["top1pct_share"] >= 1 / k and h["skewness"] > 5
 
 
@@ -66,7 +66,7 @@ def test_ranking_diagnostics_on_perfect_and_inverted_scores():
     for scores, want in ((same, 1.0), (-same, 0.0)):
         s = scores.copy()
         np.fill_diagonal(s, -np.inf)
-        out = diag.ranking_diagnostics(s, labels, k=3)
+        out = diagnostics.ranking_diagnostics(s, labels, k=3)
         assert out["map_at_r"] == pytest.approx(want) and out["precision_at_1"] == pytest.approx(want)
 
 

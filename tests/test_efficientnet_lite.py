@@ -17,7 +17,7 @@ import pytest
 import skimage.data
 
 from cbir_jax.backbones import build_backbone
-from cbir_jax.backbones import efficientnet_lite as E
+from cbir_jax.backbones import efficientnet_lite
 from cbir_jax.backbones.weights import CheckpointMismatchError
 from cbir_jax.core.config import BackboneConfig
 from cbir_jax.core.registry import UnknownComponentError
@@ -38,7 +38,7 @@ GOLDEN_GAP = {
 
 @pytest.fixture(scope="module")
 def photos() -> np.ndarray:
-    return np.stack([E.preprocess(skimage.data.chelsea()), E.preprocess(skimage.data.coffee())])
+    return np.stack([efficientnet_lite.preprocess(skimage.data.chelsea()), efficientnet_lite.preprocess(skimage.data.coffee())])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def logits(photos) -> np.ndarray:
-    return np.asarray(E.logits(photos))
+    return np.asarray(efficientnet_lite.logits(photos))
 
 
 def test_top5_classes(logits):
@@ -90,29 +90,29 @@ def test_intermediate_layer_and_fingerprint():
 
 
 def test_all_296_tensors_are_used_and_strictly_checked():
-    path = E.default_weights_path()
+    path = efficientnet_lite.default_weights_path()
     sd = load_state_dict(path)
     assert len(sd) == 296
-    E.convert_state_dict(sd)  # exact: no error
+    efficientnet_lite.convert_state_dict(sd)  # exact: no error
     missing = {k: v for k, v in sd.items() if k != "_blocks.5._bn1.running_var"}
     with pytest.raises(CheckpointMismatchError, match=r"missing _blocks\.5\._bn1\.running_var"):
-        E.convert_state_dict(missing)
+        efficientnet_lite.convert_state_dict(missing)
     with pytest.raises(CheckpointMismatchError, match="unexpected extra.weight"):
-        E.convert_state_dict({**sd, "extra.weight": np.zeros(3, np.float32)})
+        efficientnet_lite.convert_state_dict({**sd, "extra.weight": np.zeros(3, np.float32)})
     with pytest.raises(CheckpointMismatchError, match="fc/kernel"):
-        E.convert_state_dict({**sd, "_fc.weight": np.zeros((10, 1280), np.float32)})
+        efficientnet_lite.convert_state_dict({**sd, "_fc.weight": np.zeros((10, 1280), np.float32)})
     bad_kernel = {**sd, "_blocks.3._project_conv.weight": np.zeros((40, 144, 3, 3), np.float32)}
     with pytest.raises(CheckpointMismatchError, match="block3/project/kernel"):
-        E.convert_state_dict(bad_kernel)
+        efficientnet_lite.convert_state_dict(bad_kernel)
     with pytest.raises(CheckpointMismatchError, match="_bn0"):
-        E.convert_state_dict({**sd, "_bn0.running_var": np.ones(33, np.float32)})
+        efficientnet_lite.convert_state_dict({**sd, "_bn0.running_var": np.ones(33, np.float32)})
 
 
 def test_converted_params_are_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("CBIR_JAX_CACHE", str(tmp_path))
-    first = E.load_params.__wrapped__(E.default_weights_path())
+    first = efficientnet_lite.load_params.__wrapped__(efficientnet_lite.default_weights_path())
     (cached,) = tmp_path.glob("efficientnet_lite0-*.npz")
-    second = E.load_params.__wrapped__(E.default_weights_path())
+    second = efficientnet_lite.load_params.__wrapped__(efficientnet_lite.default_weights_path())
     np.testing.assert_array_equal(first["block7"]["depthwise"]["kernel"], second["block7"]["depthwise"]["kernel"])
     assert cached.stat().st_size > 10_000_000
 
@@ -161,15 +161,15 @@ def _real_images() -> dict[str, np.ndarray]:
 def test_matches_pytorch_reference(backbone):
     torch = pytest.importorskip("torch")
     reference = pytest.importorskip("efficientnet_lite_pytorch")
-    model = reference.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=E.default_weights_path())
+    model = reference.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=efficientnet_lite.default_weights_path())
     model.eval()
-    batch = np.stack([E.preprocess(image) for image in _real_images().values()])
+    batch = np.stack([efficientnet_lite.preprocess(image) for image in _real_images().values()])
     with torch.no_grad():
         x = torch.from_numpy(batch).permute(0, 3, 1, 2)
         want_logits = model(x).numpy()
         want_gap = model.extract_features(x).mean(dim=(2, 3)).numpy()
     pairs = [batch[i : i + 2] for i in range(0, len(batch), 2)]  # batch 2: shapes compiled above
-    got_logits = np.concatenate([np.asarray(E.logits(p)) for p in pairs])
+    got_logits = np.concatenate([np.asarray(efficientnet_lite.logits(p)) for p in pairs])
     got_gap = np.concatenate([np.asarray(backbone.forward(p)) for p in pairs])
     assert np.abs(got_logits - want_logits).max() < 1e-3
     assert np.abs(got_gap - want_gap).max() < 1e-3

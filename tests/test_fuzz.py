@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
-from cbir_jax.backbones import torch_pickle as tp
+from cbir_jax.backbones import torch_pickle
 from torch_writer import save_state_dict
 from cbir_jax.runs.cli import to_typed
 from cbir_jax.core.config import CONFIG_DIR
@@ -109,8 +109,8 @@ def test_mutated_weight_files_load_or_fail_with_one_line(data):
         _seen.clear()
         _watching[0] = True
         try:
-            out = tp.load_state_dict(path)
-        except tp.CheckpointFileError as e:
+            out = torch_pickle.load_state_dict(path)
+        except torch_pickle.CheckpointFileError as e:
             assert "\n" not in str(e)
             out = None
         finally:
@@ -141,8 +141,8 @@ OVERRIDE = st.one_of(
 def _build_components(cfg) -> None:
     """What a run builds from its config before any data is read: every choice is resolved here."""
     from cbir_jax.scoring import heads
-    from cbir_jax.training import losses, loop as trainer
-    from cbir_jax.labels import targets as pair_labels
+    from cbir_jax.training import losses, trainer
+    from cbir_jax.labels import pair_labels
     from cbir_jax.features import postprocess
     from cbir_jax.data import splits
     from cbir_jax.scoring.baselines import baseline_scorer

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbir_jax.scoring import compose, heads, ranking, scorer as scorers
+from cbir_jax.scoring import compose, heads, ranking, scorers
 from cbir_jax.scoring.hubness import with_csls
 from cbir_jax.training import losses, pairs
-from cbir_jax.labels import targets as pair_labels
+from cbir_jax.labels import pair_labels
 from cbir_jax.core.config import HeadConfig, LabelsConfig, LossConfig
 
 

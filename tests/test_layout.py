@@ -116,3 +116,22 @@ def test_every_folder_of_the_package_is_a_regular_package() -> None:
     folders = {p.parent for p in PACKAGE.rglob("*.py")}
     missing = sorted(str(f.relative_to(PACKAGE)) for f in folders if not (f / "__init__.py").exists())
     assert not missing, f"folders without __init__.py: {missing}"
+
+
+def test_project_imports_use_the_modules_own_names() -> None:
+    """`from cbir_jax.x import module as other` hides what a name is: a module takes the name its callers
+    want (rename the file instead). Checked in the package, tests, benchmarks and experiments."""
+    root = PACKAGE.parent
+    wrong = []
+    for folder in ("cbir_jax", "tests", "benchmarks", "experiments"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cbir_jax"):
+                    names = node.names
+                elif isinstance(node, ast.Import):
+                    names = [a for a in node.names if a.name.startswith("cbir_jax")]
+                else:
+                    continue
+                wrong += [f"{path.relative_to(root)}:{node.lineno} {a.name} as {a.asname}"
+                          for a in names if a.asname and a.asname != a.name.rsplit(".", 1)[-1]]
+    assert not wrong, "aliased project imports: " + "; ".join(wrong)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbir_jax.scoring import learned_rerank as lr
+from cbir_jax.scoring import learned_rerank
 from cbir_jax.scoring import rerank
 from cbir_jax.training import rerank_training
 from cbir_jax.core.config import LearnedRerankConfig, TrainConfig
@@ -14,13 +14,13 @@ from cbir_jax.evaluation.retrieval import evaluate_scorer
 
 from helpers import compose_config
 
-SPEC = lr.RerankerSpec(k=6, alpha=3.0, qe_k=4, qe_alpha=1.0, dim=16, depth=1, heads=2)
+SPEC = learned_rerank.RerankerSpec(k=6, alpha=3.0, qe_k=4, qe_alpha=1.0, dim=16, depth=1, heads=2)
 
 
 def _random_params(spec, seed=0):
     """Parameters with every leaf random (the output layer too, which training starts at zero)."""
-    model = lr.build_model(spec)
-    params = lr.init_params(model, spec, jax.random.key(seed))
+    model = learned_rerank.build_model(spec)
+    params = learned_rerank.init_params(model, spec, jax.random.key(seed))
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     return model, jax.tree_util.tree_unflatten(tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
@@ -35,9 +35,9 @@ def _clusters(rng, n_classes, per_class, dim=16, noise=0.6):
 
 def test_untrained_model_is_exactly_dba_alpha_qe():
     x, _ = _clusters(np.random.default_rng(0), 5, 8)
-    spec = lr.RerankerSpec(k=6, alpha=3.0, qe_k=4, qe_alpha=1.0, dim=16, depth=1, heads=2, query_side=False)
-    model = lr.build_model(spec)
-    ours = lr.learned_scorer(model, lr.init_params(model, spec, jax.random.key(0)), spec)
+    spec = learned_rerank.RerankerSpec(k=6, alpha=3.0, qe_k=4, qe_alpha=1.0, dim=16, depth=1, heads=2, query_side=False)
+    model = learned_rerank.build_model(spec)
+    ours = learned_rerank.learned_scorer(model, learned_rerank.init_params(model, spec, jax.random.key(0)), spec)
     dba = rerank.build_reranker("dba_alpha_qe", k=6, alpha=3.0, qe_k=4, qe_alpha=1.0)
     self_index = jnp.arange(len(x), dtype=jnp.int32)
     a = ours.score(*ours.prepare(jnp.asarray(x)), jnp.asarray(x), self_index)
@@ -51,7 +51,7 @@ def test_leave_one_out_equals_removing_the_query_from_the_gallery():
     gallery with row i deleted: i is in no neighbourhood, not its own and not any gallery row's."""
     x, _ = _clusters(np.random.default_rng(1), 4, 7)
     model, params = _random_params(SPEC)
-    scorer = lr.learned_scorer(model, params, SPEC)
+    scorer = learned_rerank.learned_scorer(model, params, SPEC)
     full = scorer.prepare(jnp.asarray(x))
     for i in (0, 9, 27):
         loo = np.asarray(scorer.score(*full, jnp.asarray(x[i : i + 1]), jnp.array([i], jnp.int32)))[0]
@@ -60,7 +60,7 @@ def test_leave_one_out_equals_removing_the_query_from_the_gallery():
         assert loo[i] == -np.inf or not np.isfinite(loo[i]) or np.argmax(loo) != i
         np.testing.assert_allclose(np.delete(loo, i), removed, atol=1e-5)
         # Without variants (external queries): the same scores from explicit d_j and one GEMM.
-        plain = lr.learned_scorer(model, params, SPEC, leave_one_out=False)
+        plain = learned_rerank.learned_scorer(model, params, SPEC, leave_one_out=False)
         direct = np.asarray(plain.score(*plain.prepare(jnp.asarray(rest)), jnp.asarray(x[i : i + 1]), jnp.array([-1], jnp.int32)))[0]
         np.testing.assert_allclose(direct, removed, atol=1e-5)
 
@@ -68,7 +68,7 @@ def test_leave_one_out_equals_removing_the_query_from_the_gallery():
 def test_query_chunks_score_exactly_as_one_batch():
     x, y = _clusters(np.random.default_rng(2), 4, 9)
     model, params = _random_params(SPEC, seed=3)
-    scorer = lr.learned_scorer(model, params, SPEC)
+    scorer = learned_rerank.learned_scorer(model, params, SPEC)
     whole = evaluate_scorer(scorer, x, x, y, y, np.arange(len(y)), query_chunk=len(y))
     chunked = evaluate_scorer(scorer, x, x, y, y, np.arange(len(y)), query_chunk=5)
     assert chunked == pytest.approx(whole, abs=1e-9)
@@ -80,7 +80,7 @@ def test_top_k_with_a_small_gallery_chunk_equals_the_dense_ranking():
 
     x, _ = _clusters(np.random.default_rng(4), 4, 9)
     model, params = _random_params(SPEC, seed=5)
-    scorer = lr.learned_scorer(model, params, SPEC)
+    scorer = learned_rerank.learned_scorer(model, params, SPEC)
     state = scorer.prepare(jnp.asarray(x))
     self_index = jnp.arange(6, dtype=jnp.int32)
     dense = np.array(scorer.score(*state, jnp.asarray(x[:6]), self_index))
@@ -118,14 +118,14 @@ def test_training_on_planted_structure_beats_alpha_qe_and_its_own_start(tmp_path
     cfg.train = TrainConfig(epochs=40, learning_rate=3e-3, warmup_steps=5)
     params, summary = rerank_training.train_reranker(cfg, train_x, lambda: train_y, train_x[:0], None, tmp_path)
     spec = rerank_training.spec_from_config(cfg.head.reranker)
-    model = lr.build_model(spec)
+    model = learned_rerank.build_model(spec)
     loo = np.arange(len(test_y))
 
     def map_at_r(scorer):
         return evaluate_scorer(scorer, test_x, test_x, test_y, test_y, loo)["map_at_r"]
 
-    trained = map_at_r(lr.learned_scorer(model, params, spec))
-    start = map_at_r(lr.learned_scorer(model, lr.init_params(model, spec, jax.random.key(0)), spec))
+    trained = map_at_r(learned_rerank.learned_scorer(model, params, spec))
+    start = map_at_r(learned_rerank.learned_scorer(model, learned_rerank.init_params(model, spec, jax.random.key(0)), spec))
     alpha_qe = map_at_r(rerank.build_reranker("alpha_qe"))
     assert trained > alpha_qe and trained > start + 0.01, (trained, start, alpha_qe)
     assert summary["steps"] == 40 * 4 and (tmp_path / "metrics.jsonl").exists()

@@ -28,7 +28,7 @@ def _data():
 def _scorers():
     import jax
 
-    from cbir_jax.scoring import heads, scorer as scorers
+    from cbir_jax.scoring import heads, scorers
     from cbir_jax.core.config import HeadConfig
 
     head = heads.build_head(HeadConfig(name="mlp", hidden=list(HIDDEN)))

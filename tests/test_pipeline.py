@@ -97,7 +97,7 @@ def test_checkpoint_feature_size_mismatch_is_one_line(tmp_path):
 
 def test_class_labels_are_read_only_for_labels_class(tmp_path, monkeypatch):
     """The self-supervised protocol: train on the gallery with a heuristic; labels are never touched."""
-    from cbir_jax.features import stage as pipeline
+    from cbir_jax.features import stage
     from cbir_jax.data.base import ImageDataset
 
     class Guarded(ImageDataset):
@@ -105,7 +105,7 @@ def test_class_labels_are_read_only_for_labels_class(tmp_path, monkeypatch):
         def labels(self):
             raise AssertionError("class labels were read")
 
-    real_build = pipeline.build_dataset
+    real_build = stage.build_dataset
 
     def build_guarded(cfg):
         dataset = real_build(cfg)
@@ -113,7 +113,7 @@ def test_class_labels_are_read_only_for_labels_class(tmp_path, monkeypatch):
         guarded.__dict__.update({k: v for k, v in vars(dataset).items() if k != "labels"})
         return guarded
 
-    monkeypatch.setattr(pipeline, "build_dataset", build_guarded)
+    monkeypatch.setattr(stage, "build_dataset", build_guarded)
     for label in ["ssim", "euclid", "ssim_ratio", "ssim_dhash"]:
         _train(tmp_path / label, f"labels={label}", "data.split.by=none", "train.evaluate=false", "train.epochs=1")
     with pytest.raises(AssertionError, match="class labels were read"):

@@ -11,10 +11,10 @@ import pytest
 
 from cbir_jax.core import cache
 from cbir_jax.backbones import build_backbone
-from cbir_jax.backbones import weights as W
+from cbir_jax.backbones import weights
 from cbir_jax.runs.cli import to_typed
 from cbir_jax.data import ImageReadError, build_dataset
-from cbir_jax.data import base as data_base
+from cbir_jax.data import base
 from cbir_jax.features.extract import cache_path, extract_features
 
 from faults import image_folder, read_only
@@ -78,13 +78,13 @@ def test_damaged_weights_cache_is_rebuilt(tmp_path, monkeypatch):
         calls.append(1)
         return {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
 
-    first = W.cached_params("test-v1", "ab" * 32, convert)
+    first = weights.cached_params("test-v1", "ab" * 32, convert)
     path = next(tmp_path.glob("test-v1-*.npz"))
     _truncate(path)
-    again = W.cached_params("test-v1", "ab" * 32, convert)
+    again = weights.cached_params("test-v1", "ab" * 32, convert)
     np.testing.assert_array_equal(again["conv"]["kernel"], first["conv"]["kernel"])
     assert len(calls) == 2 and list(tmp_path.glob("test-v1-*.npz.bad-*"))
-    W.cached_params("test-v1", "ab" * 32, convert)
+    weights.cached_params("test-v1", "ab" * 32, convert)
     assert len(calls) == 2  # the rebuilt file is used
 
 
@@ -127,17 +127,17 @@ def test_read_errors_are_retried_decode_errors_are_cached(tmp_path, monkeypatch)
     root = image_folder(tmp_path / "data")
     (root / "c0" / "broken.png").write_bytes(b"not an image")
     denied = str(root / "c1" / "0.png")
-    real_read = data_base.read_file
+    real_read = base.read_file
 
     def read_file(path):
         if path == denied:
             raise ImageReadError("cannot read: Permission denied")
         return real_read(path)
 
-    monkeypatch.setattr(data_base, "read_file", read_file)
+    monkeypatch.setattr(base, "read_file", read_file)
     fs, path = _features(root, tmp_path / "cache")
     assert len(fs) == 11 and {s[0] for s in fs.skipped} == {"c0/broken.png", "c1/0.png"}
-    monkeypatch.setattr(data_base, "read_file", real_read)  # permission restored
+    monkeypatch.setattr(base, "read_file", real_read)  # permission restored
     fs, _ = _features(root, tmp_path / "cache")
     assert len(fs) == 12 and [s[0] for s in fs.skipped] == ["c0/broken.png"]
 
@@ -172,6 +172,6 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = image.getexif()
     exif[0x0112] = 6  # "rotate 90 CW to display": a phone held upright
     image.save(tmp_path / "p.jpg", exif=exif, quality=95)
-    loaded = data_base.load_image_file(str(tmp_path / "p.jpg"))
+    loaded = base.load_image_file(str(tmp_path / "p.jpg"))
     assert loaded.shape == (30, 10, 3)  # upright: tall, not wide
     assert loaded[:10].mean() > 200 and loaded[-10:].mean() < 50  # the white band is now on top

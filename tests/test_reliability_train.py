@@ -51,7 +51,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_nan_after_checkpoints_keeps_them_good(tmp_path, monkeypatch):
     """NaN targets from the second epoch on (step 9): checkpoints 5 and 8 stay, finite; nothing after."""
-    from cbir_jax.labels import targets as pair_labels
+    from cbir_jax.labels import pair_labels
 
     real = pair_labels.pair_targets
     calls = []

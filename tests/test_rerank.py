@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cbir_jax.scoring import ranking, rerank, scorer as scorers
+from cbir_jax.scoring import ranking, rerank, scorers
 from cbir_jax.scoring.baselines import baseline_scorer
 from cbir_jax.evaluation.retrieval import evaluate_scorer
 from cbir_jax.core.registry import UnknownComponentError
@@ -173,7 +173,7 @@ def test_cosine_residual_head_starts_at_cosine_and_its_fast_forms_agree():
 
 
 def test_rerank_pair_label_is_the_rerankers_own_similarity_and_never_reads_labels():
-    from cbir_jax.labels import targets as pair_labels
+    from cbir_jax.labels import pair_labels
     from cbir_jax.core.config import LabelsConfig
 
     rng = np.random.default_rng(3)

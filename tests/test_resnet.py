@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cbir_jax.backbones import build_backbone
-from cbir_jax.backbones import resnet as R
+from cbir_jax.backbones import resnet
 from cbir_jax.backbones.weights import CheckpointMismatchError
 from cbir_jax.core.config import BackboneConfig
 from cbir_jax.backbones.torch_pickle import load_state_dict
@@ -91,23 +91,23 @@ def test_file_round_trip_is_exact(state_dict, weights_file):
 
 
 def test_stem_matches_numpy(state_dict, weights_file):
-    params = R.load_params(weights_file)
+    params = resnet.load_params(weights_file)
     x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
-    got = np.asarray(R.apply(params, x, output="stem"))
+    got = np.asarray(resnet.apply(params, x, output="stem"))
     want = _numpy_stem(x, state_dict)
     assert got.shape == want.shape == (2, 8, 8, 64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_loading_is_strict(state_dict):
-    R.convert_state_dict(state_dict)  # exact: no error
+    resnet.convert_state_dict(state_dict)  # exact: no error
     missing = {k: v for k, v in state_dict.items() if k != "layer3.0.downsample.1.running_mean"}
     with pytest.raises(CheckpointMismatchError, match=r"missing layer3\.0\.downsample\.1\.running_mean"):
-        R.convert_state_dict(missing)
+        resnet.convert_state_dict(missing)
     with pytest.raises(CheckpointMismatchError, match=r"unexpected layer4\.3\.conv1\.weight"):
-        R.convert_state_dict({**state_dict, "layer4.3.conv1.weight": np.zeros((512, 2048, 1, 1), np.float32)})
+        resnet.convert_state_dict({**state_dict, "layer4.3.conv1.weight": np.zeros((512, 2048, 1, 1), np.float32)})
     with pytest.raises(CheckpointMismatchError, match="layer2_1/conv2/kernel"):
-        R.convert_state_dict({**state_dict, "layer2.1.conv2.weight": np.zeros((128, 128, 1, 1), np.float32)})
+        resnet.convert_state_dict({**state_dict, "layer2.1.conv2.weight": np.zeros((128, 128, 1, 1), np.float32)})
 
 
 def test_backbone_build_and_errors(weights_file):
@@ -150,5 +150,5 @@ def test_whole_network_matches_torch(state_dict, weights_file):
                     h = bn(F.conv2d(h, t[f"{p}.downsample.0.weight"], stride=stride), f"{p}.downsample.1")
                 h = F.relu(y + h)
         want = F.linear(h.mean(dim=(2, 3)), t["fc.weight"], t["fc.bias"]).numpy()
-    got = np.asarray(R.apply(R.load_params(weights_file), x, output="logits"))
+    got = np.asarray(resnet.apply(resnet.load_params(weights_file), x, output="logits"))
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cbir_jax.training import checkpointing, selection
-from cbir_jax.scoring import heads, scorer as scorers
+from cbir_jax.scoring import heads, scorers
 from cbir_jax.runs.cli import to_typed
 from cbir_jax.evaluate import evaluate
 from cbir_jax.train import train

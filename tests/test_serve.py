@@ -246,9 +246,9 @@ def test_an_undeclared_oversized_upload_is_cut_off(site):
 
 def test_an_unknown_scorer_fails_before_any_features_load(monkeypatch):
     from cbir_jax.core.registry import UnknownComponentError
-    from cbir_jax.serve import gallery as gallery_lib
+    from cbir_jax.serve import gallery
 
-    monkeypatch.setattr(gallery_lib, "load_stage", lambda *a, **k: pytest.fail("features loaded first"))
+    monkeypatch.setattr(gallery, "load_stage", lambda *a, **k: pytest.fail("features loaded first"))
     with pytest.raises(UnknownComponentError, match="unknown baseline 'cosin' in serve.scorers; valid: cosine"):
         prepare_gallery(compose_config("data.views_per_image=1", "serve.scorers=[cosin]"))
 
@@ -293,7 +293,7 @@ def test_a_checkpoint_puts_its_head_first_and_ranks_as_the_head_scores(tmp_path)
     from omegaconf import OmegaConf
 
     from cbir_jax.training import checkpointing
-    from cbir_jax.scoring import heads, scorer as scorers
+    from cbir_jax.scoring import heads, scorers
     from cbir_jax.train import train
 
     run = tmp_path / "run"
@@ -321,11 +321,11 @@ def test_a_saved_index_is_served_without_extracting_again(site, tmp_path, monkey
     out of its folder stay unserved; nothing goes through the feature-extraction stage."""
     import cbir_jax
     from cbir_jax.core.errors import ConfigError
-    from cbir_jax.serve import gallery as gallery_lib
+    from cbir_jax.serve import gallery
 
     index = cbir_jax.Index.build("pixels", site["root"], scorer="euclid")
     path = index.save(tmp_path / "gallery.index")
-    monkeypatch.setattr(gallery_lib, "load_stage", lambda *a, **k: pytest.fail("features extracted again"))
+    monkeypatch.setattr(gallery, "load_stage", lambda *a, **k: pytest.fail("features extracted again"))
     served = prepare_gallery(compose_config(f"index={path}", "serve.scorers=[cosine,dba_alpha_qe]"))
     assert list(served.scorers) == ["euclid", "cosine", "dba_alpha_qe"]
     assert sorted(served.ids) == sorted(p for p in index.paths if "link" not in p) and len(served) == 10

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbir_jax.scoring import heads, ranking, scorer as scorers, sharding
+from cbir_jax.scoring import heads, ranking, scorers, sharding
 from cbir_jax.core.config import HeadConfig
 
 

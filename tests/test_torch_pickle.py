@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cbir_jax.backbones import torch_pickle as tp
+from cbir_jax.backbones import torch_pickle
 from torch_writer import save_state_dict
 
 
@@ -44,7 +44,7 @@ def test_round_trip(tmp_path, legacy):
     path = tmp_path / "sd.pth"
     save_state_dict(_sample(), path, legacy=legacy)
     assert zipfile.is_zipfile(path) != legacy
-    _assert_same(tp.load_state_dict(path), _sample())
+    _assert_same(torch_pickle.load_state_dict(path), _sample())
 
 
 def _hand_built_pickle() -> bytes:
@@ -68,7 +68,7 @@ def test_hand_built_zip_file(tmp_path):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("hand/data.pkl", _hand_built_pickle())
         zf.writestr("hand/data/0", np.arange(5, dtype="<f4").tobytes())
-    sd = tp.load_state_dict(path)
+    sd = torch_pickle.load_state_dict(path)
     np.testing.assert_array_equal(sd["w"], [[1, 2], [3, 4]])
     assert sd["w"].dtype == np.float32
 
@@ -76,14 +76,14 @@ def test_hand_built_zip_file(tmp_path):
 def test_hand_built_legacy_file(tmp_path):
     path = tmp_path / "hand.pth"
     with open(path, "wb") as f:
-        for header in (tp.LEGACY_MAGIC, tp.LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+        for header in (torch_pickle.LEGACY_MAGIC, torch_pickle.LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
             pickle.dump(header, f, protocol=2)
         # Legacy persistent ids carry a sixth item, the view metadata; patch it in.
         body = _hand_built_pickle().replace(pickle.TUPLE + pickle.BINPERSID, pickle.NONE + pickle.TUPLE + pickle.BINPERSID)
         f.write(body)
         pickle.dump(["0"], f, protocol=2)
         f.write(struct.pack("<q", 5) + np.arange(5, dtype="<f4").tobytes())
-    np.testing.assert_array_equal(tp.load_state_dict(path)["w"], [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(torch_pickle.load_state_dict(path)["w"], [[1, 2], [3, 4]])
 
 
 class _Evil:
@@ -105,7 +105,7 @@ def _write_zip(path, payload: bytes) -> None:
 
 def _write_legacy(path, payload: bytes) -> None:
     with open(path, "wb") as f:
-        for header in (tp.LEGACY_MAGIC, tp.LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+        for header in (torch_pickle.LEGACY_MAGIC, torch_pickle.LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
             pickle.dump(header, f, protocol=2)
         f.write(payload)
         pickle.dump([], f, protocol=2)
@@ -116,8 +116,8 @@ def test_code_execution_is_refused(tmp_path, write):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     write(path, pickle.dumps({"w": _Evil(str(marker))}, protocol=2))
-    with pytest.raises(tp.UnsafeCheckpointError, match=r"(posix|os|nt)\.system") as info:
-        tp.load_state_dict(path)
+    with pytest.raises(torch_pickle.UnsafeCheckpointError, match=r"(posix|os|nt)\.system") as info:
+        torch_pickle.load_state_dict(path)
     assert "\n" not in str(info.value)
     assert isinstance(info.value, ValueError)
     assert not marker.exists()
@@ -127,8 +127,8 @@ def test_code_execution_is_refused(tmp_path, write):
 def test_custom_class_is_refused(tmp_path, write):
     path = tmp_path / "custom.pth"
     write(path, pickle.dumps(collections.OrderedDict(w=Custom()), protocol=2))
-    with pytest.raises(tp.UnsafeCheckpointError, match="Custom"):
-        tp.load_state_dict(path)
+    with pytest.raises(torch_pickle.UnsafeCheckpointError, match="Custom"):
+        torch_pickle.load_state_dict(path)
 
 
 def test_loader_objects_cannot_be_modified(tmp_path):
@@ -139,8 +139,8 @@ def test_loader_objects_cannot_be_modified(tmp_path):
               + pickle.DICT + pickle.TUPLE2 + pickle.BUILD + pickle.STOP)
     path = tmp_path / "attack.pth"
     _write_zip(path, attack)
-    with pytest.raises(tp.UnsafeCheckpointError, match="set the state"):
-        tp.load(path)
+    with pytest.raises(torch_pickle.UnsafeCheckpointError, match="set the state"):
+        torch_pickle.load(path)
     test_round_trip(tmp_path, legacy=False)  # float32 storages still read as float32
 
 
@@ -150,16 +150,16 @@ def test_malformed_pickle_is_a_value_error(tmp_path):
                + pickle.SHORT_BINUNICODE + b"\x01x" + pickle.NONE + pickle.DICT
                + pickle.TUPLE2 + pickle.BUILD + pickle.STOP)  # setattr on a dict: AttributeError
     with pytest.raises(ValueError, match="not a valid PyTorch checkpoint"):
-        tp.load(path)
+        torch_pickle.load(path)
 
 
 def test_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     _write_zip(path, pickle.dumps([1, 2], protocol=2))
     with pytest.raises(ValueError, match="state dict"):
-        tp.load_state_dict(path)
+        torch_pickle.load_state_dict(path)
     with pytest.raises(FileNotFoundError):
-        tp.load_state_dict(tmp_path / "absent.pth")
+        torch_pickle.load_state_dict(tmp_path / "absent.pth")
 
 
 @pytest.mark.reference
@@ -178,7 +178,7 @@ def test_against_torch(tmp_path, zip_format):
     )
     path = tmp_path / "torch.pth"
     torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
-    got = tp.load_state_dict(path)
+    got = torch_pickle.load_state_dict(path)
     for k, v in sd.items():
         want = v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
         np.testing.assert_array_equal(np.asarray(got[k], want.dtype), want, err_msg=k)
@@ -204,12 +204,12 @@ def test_hostile_file_leaves_no_state_for_the_next_load(tmp_path):
               + g("torch", "int8") + pickle.TUPLE + pickle.REDUCE + pickle.STOP)
     hostile = tmp_path / "hostile.pth"
     _write_zip(hostile, attack)
-    with pytest.raises(tp.UnsafeCheckpointError):
-        tp.load(hostile)
+    with pytest.raises(torch_pickle.UnsafeCheckpointError):
+        torch_pickle.load(hostile)
     genuine = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)}
     for legacy in (False, True):
         path = tmp_path / f"genuine{legacy}.pth"
         save_state_dict(genuine, path, legacy=legacy)
-        out = tp.load_state_dict(path)
+        out = torch_pickle.load_state_dict(path)
         assert out["w"].dtype == np.float32
         np.testing.assert_array_equal(out["w"], genuine["w"])

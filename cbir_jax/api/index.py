@@ -43,7 +43,7 @@ from cbir_jax.features import postprocess
 from cbir_jax.features.extract import extract_features, forward_batches
 from cbir_jax.scoring import ranking
 from cbir_jax.scoring.baselines import baseline_names, baseline_scorer
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 from cbir_jax.runs.trained import Run, load_run
 
 log = logging.getLogger(__name__)

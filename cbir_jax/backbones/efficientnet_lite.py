@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax.backbones import torch_pickle
-from cbir_jax.backbones import weights as W
+from cbir_jax.backbones import weights
 from cbir_jax.backbones.base import BACKBONES, Backbone, cnn_backbone
 from cbir_jax.data.imageops import RESIZERS
 
@@ -130,23 +129,23 @@ def default_weights_path() -> str:
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], source: str = "checkpoint") -> dict:
     """Maps the reference's 296 tensors onto Flax params; fails on any missing or unused tensor."""
-    sd = W.StrictStateDict(state_dict, source)
-    params = {"stem": W.conv_bn(sd, "_conv_stem", "_bn0", BN_EPS)}
+    sd = weights.StrictStateDict(state_dict, source)
+    params = {"stem": weights.conv_bn(sd, "_conv_stem", "_bn0", BN_EPS)}
     index = 0
     for repeats, _, _, expand, _ in STAGES:
         for _ in range(repeats):
             b = f"_blocks.{index}"
             block = {}
             if expand != 1:
-                block["expand"] = W.conv_bn(sd, f"{b}._expand_conv", f"{b}._bn0", BN_EPS)
-            block["depthwise"] = W.conv_bn(sd, f"{b}._depthwise_conv", f"{b}._bn1", BN_EPS)
-            block["project"] = W.conv_bn(sd, f"{b}._project_conv", f"{b}._bn2", BN_EPS)
+                block["expand"] = weights.conv_bn(sd, f"{b}._expand_conv", f"{b}._bn0", BN_EPS)
+            block["depthwise"] = weights.conv_bn(sd, f"{b}._depthwise_conv", f"{b}._bn1", BN_EPS)
+            block["project"] = weights.conv_bn(sd, f"{b}._project_conv", f"{b}._bn2", BN_EPS)
             params[f"block{index}"] = block
             index += 1
-    params["head"] = W.conv_bn(sd, "_conv_head", "_bn1", BN_EPS)
-    params["fc"] = W.linear(sd, "_fc")
+    params["head"] = weights.conv_bn(sd, "_conv_head", "_bn1", BN_EPS)
+    params["fc"] = weights.linear(sd, "_fc")
     sd.finish()
-    W.check_shapes(params, _param_shapes(), source)
+    weights.check_shapes(params, _param_shapes(), source)
     return params
 
 
@@ -157,13 +156,10 @@ def _param_shapes() -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def load_params(weights: str | None = None, cache_dir: str | None = None) -> dict:
-    """Flax params (numpy) for the checkpoint at `weights` (default: the packaged one), cached on disk."""
-    path = weights or default_weights_path()
-    sha = W.sha256_file(path)
-    params = W.cached_params(CONVERTER, sha, lambda: convert_state_dict(torch_pickle.load_state_dict(path), path), cache_dir)
-    W.check_shapes(params, _param_shapes(), f"cached params for {path}")
-    return params
+def load_params(weights_file: str | None = None, cache_dir: str | None = None) -> dict:
+    """Flax params (numpy) for the checkpoint at `weights_file` (default: the packaged one), cached on disk."""
+    path = weights_file or default_weights_path()
+    return weights.load_torch_params(CONVERTER, path, convert_state_dict, _param_shapes(), cache_dir)
 
 
 def preprocess(image: np.ndarray, size: int = 224, resize: str = "squash") -> np.ndarray:
@@ -177,9 +173,9 @@ def apply(params: dict, batch: jax.Array, output: str = "head") -> jax.Array:
     return EfficientNetLite0(output=output).apply({"params": params}, batch)
 
 
-def logits(batch: jax.Array, weights: str | None = None) -> jax.Array:
+def logits(batch: jax.Array, weights_file: str | None = None) -> jax.Array:
     """ImageNet logits (B,1000) for a preprocessed batch; for tests and sanity checks."""
-    return apply(load_params(weights), jnp.asarray(batch), output="logits")
+    return apply(load_params(weights_file), jnp.asarray(batch), output="logits")
 
 
 @BACKBONES.register("efficientnet_lite0")
@@ -187,6 +183,6 @@ def build(cfg, cache_dir: str | None = None) -> Backbone:
     path = cfg.weights or default_weights_path()
     return cnn_backbone(
         cfg, name="efficientnet_lite0", module=EfficientNetLite0, layers=LAYERS, default_layer="head",
-        params=load_params(path, cache_dir), weights_sha=W.sha256_file(path)[:16], preprocess=preprocess,
+        params=load_params(path, cache_dir), weights_sha=weights.sha256_file(path)[:16], preprocess=preprocess,
         normalisation="in127",
     )

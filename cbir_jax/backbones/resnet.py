@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax.backbones import torch_pickle
-from cbir_jax.backbones import weights as W
+from cbir_jax.backbones import weights
 from cbir_jax.backbones.base import BACKBONES, Backbone, cnn_backbone
 from cbir_jax.core.errors import ConfigError, MissingFileError
 from cbir_jax.data.imageops import RESIZERS
@@ -69,18 +68,18 @@ class ResNet50(nn.Module):
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], source: str = "checkpoint") -> dict:
     """Maps torchvision's 320 tensors onto Flax params; fails on any missing or unused tensor."""
-    sd = W.StrictStateDict(state_dict, source)
-    params = {"conv1": W.conv_bn(sd, "conv1", "bn1", BN_EPS)}
+    sd = weights.StrictStateDict(state_dict, source)
+    params = {"conv1": weights.conv_bn(sd, "conv1", "bn1", BN_EPS)}
     for number, (blocks, _, _) in enumerate(STAGES, 1):
         for j in range(blocks):
             t = f"layer{number}.{j}"
-            block = {f"conv{i}": W.conv_bn(sd, f"{t}.conv{i}", f"{t}.bn{i}", BN_EPS) for i in (1, 2, 3)}
+            block = {f"conv{i}": weights.conv_bn(sd, f"{t}.conv{i}", f"{t}.bn{i}", BN_EPS) for i in (1, 2, 3)}
             if j == 0:
-                block["downsample"] = W.conv_bn(sd, f"{t}.downsample.0", f"{t}.downsample.1", BN_EPS)
+                block["downsample"] = weights.conv_bn(sd, f"{t}.downsample.0", f"{t}.downsample.1", BN_EPS)
             params[f"layer{number}_{j}"] = block
-    params["fc"] = W.linear(sd, "fc")
+    params["fc"] = weights.linear(sd, "fc")
     sd.finish()
-    W.check_shapes(params, _param_shapes(), source)
+    weights.check_shapes(params, _param_shapes(), source)
     return params
 
 
@@ -90,22 +89,19 @@ def _param_shapes() -> dict:
     return jax.eval_shape(ResNet50(output="logits").init, jax.random.key(0), x)["params"]
 
 
-def check_weights_path(weights: str | None) -> str:
+def check_weights_path(weights_file: str | None) -> str:
     """The weights path, or a one-line error saying how to obtain the file."""
-    if not weights:
+    if not weights_file:
         raise ConfigError(f"backbone=resnet50 needs backbone.weights (a torchvision ResNet-50 state dict); {HOW_TO_GET_WEIGHTS}")
-    if not os.path.isfile(weights):
-        raise MissingFileError(f"backbone.weights={weights} does not exist; {HOW_TO_GET_WEIGHTS}")
-    return weights
+    if not os.path.isfile(weights_file):
+        raise MissingFileError(f"backbone.weights={weights_file} does not exist; {HOW_TO_GET_WEIGHTS}")
+    return weights_file
 
 
-def load_params(weights: str | None, cache_dir: str | None = None) -> dict:
+def load_params(weights_file: str | None, cache_dir: str | None = None) -> dict:
     """Flax params (numpy) for a torchvision ResNet-50 state dict, converted once and cached on disk."""
-    path = check_weights_path(weights)
-    sha = W.sha256_file(path)
-    params = W.cached_params(CONVERTER, sha, lambda: convert_state_dict(torch_pickle.load_state_dict(path), path), cache_dir)
-    W.check_shapes(params, _param_shapes(), f"cached params for {path}")
-    return params
+    path = check_weights_path(weights_file)
+    return weights.load_torch_params(CONVERTER, path, convert_state_dict, _param_shapes(), cache_dir)
 
 
 def preprocess(image: np.ndarray, size: int = 224, resize: str = "squash") -> np.ndarray:
@@ -124,6 +120,6 @@ def build(cfg, cache_dir: str | None = None) -> Backbone:
     path = check_weights_path(cfg.weights)
     return cnn_backbone(
         cfg, name="resnet50", module=ResNet50, layers=LAYERS, default_layer="layer4",
-        params=load_params(path, cache_dir), weights_sha=W.sha256_file(path)[:16], preprocess=preprocess,
+        params=load_params(path, cache_dir), weights_sha=weights.sha256_file(path)[:16], preprocess=preprocess,
         normalisation="imagenet",
     )

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from cbir_jax.backbones import torch_pickle
 from cbir_jax.core.config import default_cache_dir
 from cbir_jax.core.errors import UserError
 
@@ -122,3 +123,13 @@ def cached_params(tag: str, sha: str, convert: Callable[[], dict], cache_dir: st
 
     flat = cache.cached(path, f"{tag}|{sha}", build)
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def load_torch_params(
+    tag: str, path: str, convert: Callable[[dict, str], dict], expected: Any, cache_dir: str | None = None
+) -> dict:
+    """A PyTorch checkpoint as Flax params (numpy): converted once, cached by the file's SHA-256, and
+    shape-checked on every load, so a stale or foreign cache entry never loads partially."""
+    params = cached_params(tag, sha256_file(path), lambda: convert(torch_pickle.load_state_dict(path), path), cache_dir)
+    check_shapes(params, expected, f"cached params for {path}")
+    return params

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from cbir_jax.scoring import ranking
 from cbir_jax.evaluation.metrics import METRIC_NAMES, MetricAccumulator
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 
 
 def evaluate_scorer(

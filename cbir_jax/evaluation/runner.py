@@ -22,7 +22,7 @@ from cbir_jax.features import postprocess
 from cbir_jax.features.stage import Stage, as_gallery
 from cbir_jax.scoring import ranking
 from cbir_jax.scoring.baselines import baseline_scorer
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 from cbir_jax.scoring import rerank
 from cbir_jax.evaluation.retrieval import evaluate_scorer
 from cbir_jax.core.registry import UnknownComponentError
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 
 log = logging.getLogger(__name__)
 

@@ -93,10 +93,10 @@ class RunGuard(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from cbir_jax.runs import lifecycle as runs
+        from cbir_jax.runs import lifecycle
 
         try:
-            runs.check_output_dir(Path(str(config.hydra.run.dir)), config, app=str(config.hydra.job.name))
+            lifecycle.check_output_dir(Path(str(config.hydra.run.dir)), config, app=str(config.hydra.job.name))
         except (UserError, OSError) as e:
             known = one_line(e)
             if known is None or os.environ.get("CBIR_JAX_DEBUG"):

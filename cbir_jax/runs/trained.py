@@ -20,7 +20,7 @@ from cbir_jax.core.config_checks import validate
 from cbir_jax.features.stage import Stage
 from cbir_jax.scoring import heads
 from cbir_jax.scoring.compose import head_scorer
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 from cbir_jax.training import checkpointing, rerank_training
 
 log = logging.getLogger(__name__)

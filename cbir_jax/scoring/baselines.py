@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cbir_jax.core.registry import UnknownComponentError
 from cbir_jax.scoring import heads, rerank
-from cbir_jax.scoring.scorer import Scorer, fixed_scorer
+from cbir_jax.scoring.scorers import Scorer, fixed_scorer
 
 
 def baseline_names() -> list[str]:

@@ -9,7 +9,7 @@ import flax.linen as nn
 from cbir_jax.core import vectors
 from cbir_jax.scoring import heads, rerank
 from cbir_jax.scoring.hubness import with_csls
-from cbir_jax.scoring.scorer import Scorer, pair_scorer
+from cbir_jax.scoring.scorers import Scorer, pair_scorer
 
 
 def embedding_reranker(name: str, head: heads.CosineResidual, params, reranker: str) -> Scorer:

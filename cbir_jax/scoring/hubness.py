@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from cbir_jax.scoring import ranking
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 
 
 def with_csls(scorer: Scorer, k: int) -> Scorer:

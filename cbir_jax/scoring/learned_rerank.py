@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cbir_jax.scoring import ranking, scorer as scorers
+from cbir_jax.scoring import ranking, scorers
 from cbir_jax.core.vectors import l2_normalise
 from cbir_jax.scoring.rerank import mask_self, neighbourhood_gram, weights_from_similarity
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax.scoring.scorer import Scorer, with_storage
+from cbir_jax.scoring.scorers import Scorer, with_storage
 
 
 def _num_rows(rows: Any) -> int:

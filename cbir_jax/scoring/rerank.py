@@ -1,7 +1,7 @@
 """Non-learned re-rankers as scorers (`eval.baselines=[...,alpha_qe,dba_alpha_qe,diffusion]`).
 
 All work on L2-normalised features with cosine similarity and read the gallery's neighbourhoods, so they
-are `chunkable=False` scorers (see cbir_jax/scoring/scorer.py). Leave-one-out honesty: when a query is itself a
+are `chunkable=False` scorers (see cbir_jax/scoring/scorers.py). Leave-one-out honesty: when a query is itself a
 gallery entry (`self_index >= 0`), that entry is removed from *every* neighbour set the re-ranker uses —
 the query's own neighbours, the gallery items' neighbours for database-side augmentation, and the
 diffusion graph — so the score a query gives is what it would be were the query not in the database.
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from cbir_jax.core.registry import Registry
 from cbir_jax.scoring import ranking
-from cbir_jax.scoring.scorer import DOT, Scorer
+from cbir_jax.scoring.scorers import DOT, Scorer
 from cbir_jax.core.vectors import l2_normalise
 
 EPS = 1e-12

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cbir_jax.scoring.ranking import scan_top_k
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 
 AXIS = "gallery"
 

@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from cbir_jax.scoring import heads, ranking, scorer as scorers
+from cbir_jax.scoring import heads, ranking, scorers
 from cbir_jax.features import postprocess
 from cbir_jax.backbones import Backbone
 from cbir_jax.training.checkpointing import CheckpointError

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax.evaluation import diagnostics as diag
-from cbir_jax.scoring import heads, scorer as scorers
+from cbir_jax.evaluation import diagnostics
+from cbir_jax.scoring import heads, scorers
 from cbir_jax.scoring.compose import head_scorer
-from cbir_jax.labels import targets as pair_labels
-from cbir_jax.training import pairs, loop as trainer
+from cbir_jax.labels import pair_labels
+from cbir_jax.training import pairs, trainer
 from cbir_jax.core.config import Config
 from cbir_jax.features.stage import Stage, as_gallery
 
@@ -52,8 +52,8 @@ def _head_values(head, params, x: np.ndarray, i: np.ndarray, j: np.ndarray, chun
 
 
 def _label_block(targets, same, cosine, i, j, n) -> dict[str, float]:
-    out = diag.label_quality(targets, same, cosine)
-    out["additive_share"] = diag.additive_share(i, j, targets, n)
+    out = diagnostics.label_quality(targets, same, cosine)
+    out["additive_share"] = diagnostics.additive_share(i, j, targets, n)
     return out
 
 
@@ -91,18 +91,18 @@ def run_diagnostics(cfg: Config, stage: Stage, learned: dict[str, tuple[Any, Any
         out = _head_values(head, params, x_train, i, j)
         fresh = _head_values(head, params, x_train, fi, fj)
         block = {
-            "fit_train_pairs": diag.spearman(out, t),
-            "fit_fresh_pairs": diag.spearman(fresh, ft),
-            "pairs": diag.pair_diagnostics(out, t, cos, same, i, j, len(train_rows)),
+            "fit_train_pairs": diagnostics.spearman(out, t),
+            "fit_fresh_pairs": diagnostics.spearman(fresh, ft),
+            "pairs": diagnostics.pair_diagnostics(out, t, cos, same, i, j, len(train_rows)),
         }
         scorer = head_scorer(cfg.head, head, params) if name in learned else scorers.fixed_scorer(name)
         if labels is not None:
-            s_train = diag.score_matrix(scorer, x_train)
-            s_held = diag.score_matrix(scorer, x_held)
-            block["train_rows"] = diag.ranking_diagnostics(s_train, y_train)
-            block["held_out_rows"] = diag.ranking_diagnostics(s_held, y_held)
+            s_train = diagnostics.score_matrix(scorer, x_train)
+            s_held = diagnostics.score_matrix(scorer, x_held)
+            block["train_rows"] = diagnostics.ranking_diagnostics(s_train, y_train)
+            block["held_out_rows"] = diagnostics.ranking_diagnostics(s_held, y_held)
             top = np.argsort(-s_held, axis=1, kind="stable")[:, :10]
-            figure_data["n10"][name] = diag.k_occurrence(top, len(held_rows))
+            figure_data["n10"][name] = diagnostics.k_occurrence(top, len(held_rows))
         result["scorers"][name] = block
         figure_data["outputs"][name] = out
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,12 @@ from cbir_jax.core.config import Config
 from cbir_jax.data import DataError
 from cbir_jax.evaluation import tuning
 from cbir_jax.features.stage import Stage, as_gallery
-from cbir_jax.labels import targets
+from cbir_jax.labels import pair_labels
 from cbir_jax.scoring import heads, learned_rerank
 from cbir_jax.scoring.compose import head_scorer
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 from cbir_jax.training import checkpointing, rerank_training, selection
-from cbir_jax.training.loop import train_head
+from cbir_jax.training.trainer import train_head
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _train_pair_head(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Pa
             labels = fs.labels
             return None if labels is None else labels[split.train]
 
-        context = targets.PairContext(
+        context = pair_labels.PairContext(
             features=train_x, thumbnails=fs.thumbnails[split.train], class_labels=train_labels, cfg=cfg.labels
         )
         keeper = selection.make_keeper(cfg, stage, head, out_dir)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax.scoring import ranking
-from cbir_jax.scoring.scorer import fixed_scorer
+from cbir_jax.scoring.scorers import fixed_scorer
 
 
 def neighbours(features: np.ndarray, k: int) -> np.ndarray:

@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from cbir_jax.training import checkpointing, curves
 from cbir_jax.scoring import learned_rerank
-from cbir_jax.labels import targets as pair_labels
+from cbir_jax.labels import pair_labels
 from cbir_jax.data import DataError
 from cbir_jax.core.errors import DivergedError
 from cbir_jax.evaluation.metrics import MetricAccumulator
 from cbir_jax.core.registry import Registry
-from cbir_jax.training.loop import learning_rate_at, learning_rate_schedule, make_optimizer
+from cbir_jax.training.trainer import learning_rate_at, learning_rate_schedule, make_optimizer
 from cbir_jax.training.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)

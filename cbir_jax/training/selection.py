@@ -21,7 +21,7 @@ from cbir_jax.features.stage import as_gallery
 from cbir_jax.training import checkpointing
 from cbir_jax.evaluation.retrieval import evaluate_scorer
 from cbir_jax.scoring.compose import head_scorer
-from cbir_jax.scoring.scorer import Scorer
+from cbir_jax.scoring.scorers import Scorer
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"

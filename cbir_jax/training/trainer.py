@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from cbir_jax.training import checkpointing, curves, guards, losses, pairs, selection
 from cbir_jax.training.metrics_log import MetricsLog
 from cbir_jax.scoring import heads
-from cbir_jax.labels import targets as pair_labels
+from cbir_jax.labels import pair_labels
 from cbir_jax.core.errors import DivergedError, Interrupted
 from cbir_jax.core.registry import Registry
 

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cbir_jax.scoring import heads as heads_lib
+from cbir_jax.scoring import heads
 from cbir_jax.core.registry import Registry
 from cbir_jax.core import vectors
 
@@ -60,8 +60,8 @@ def _pairwise_form(head: nn.Module, params) -> tuple[Callable, Callable]:
 
 
 def _fixed_name(head: nn.Module) -> str | None:
-    if isinstance(head, heads_lib.FixedMetric):
-        for name, fn in heads_lib.FIXED_METRICS.items():
+    if isinstance(head, heads.FixedMetric):
+        for name, fn in heads.FIXED_METRICS.items():
             if fn is head.fn:
                 return name
     return None
@@ -99,7 +99,7 @@ def _euclid_form(head, params):
 
 def mlp_layers(params, monotone: bool = False) -> list[tuple[jax.Array, jax.Array]]:
     """The (weights, bias) each Dense layer of a head's `mlp` trunk applies, in order (Dense_0, Dense_1, ...)."""
-    return heads_lib.effective_layers(params["mlp"], monotone)
+    return heads.effective_layers(params["mlp"], monotone)
 
 
 def _tail(h: jax.Array, layers, act) -> jax.Array:
@@ -136,7 +136,7 @@ def _squared_difference_form(head, params):
     """
     layers = mlp_layers(params, head.monotone)
     (w1, b1), rest = layers[0], layers[1:]
-    act = heads_lib.ACTIVATIONS[head.activation]
+    act = heads.ACTIVATIONS[head.activation]
     h1 = w1.shape[1]
     # a monotone residual correction is measured from its value at a zero difference (heads.MLP)
     offset = _tail(act(b1), rest, act) if head.monotone and head.constant_start else 0.0
@@ -172,7 +172,7 @@ def _concat_form(head, params):
     layers = mlp_layers(params)
     w1 = layers[0][0]
     d = w1.shape[0] // 2
-    act = heads_lib.ACTIVATIONS[head.activation]
+    act = heads.ACTIVATIONS[head.activation]
     h1 = w1.shape[1]
 
     def prepare(gallery):
@@ -195,7 +195,7 @@ def _concat_form(head, params):
 def _residual_form(head, params):
     """exp(log_scale) * base + bias + correction, each part in its own (fast if registered) form; the
     gallery state of both parts is kept side by side, so the sum stays chunkable."""
-    base = pair_scorer("base", heads_lib.FixedMetric(heads_lib.FIXED_METRICS[head.base]), {})
+    base = pair_scorer("base", heads.FixedMetric(heads.FIXED_METRICS[head.base]), {})
     correction = pair_scorer("correction", head.correction.clone(parent=None), params["correction"])
 
     def prepare(gallery):
@@ -246,7 +246,7 @@ def pair_scorer(name: str, head: nn.Module, params, *, fast: bool = True) -> Sco
 
 def fixed_scorer(name: str) -> Scorer:
     """A scorer for one of the parameter-free metrics."""
-    return pair_scorer(name, heads_lib.FixedMetric(heads_lib.FIXED_METRICS[name]), {})
+    return pair_scorer(name, heads.FixedMetric(heads.FIXED_METRICS[name]), {})
 
 
 def _dot_prepare(gallery):
