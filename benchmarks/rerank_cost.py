@@ -69,9 +69,10 @@ def side_dba(n: int, reps: int) -> dict[str, Any]:
 def side_learned(n: int, reps: int, loo: bool = False) -> dict[str, Any]:
     import jax
 
+    from cbir_jax.core.config import LearnedRerankConfig
     from cbir_jax.scoring import learned_rerank
 
-    spec = learned_rerank.RerankerSpec(k=K, alpha=ALPHA, qe_k=QE_K, qe_alpha=QE_ALPHA)
+    spec = LearnedRerankConfig(k=K, alpha=ALPHA, qe_k=QE_K, qe_alpha=QE_ALPHA)
     model = learned_rerank.build_model(spec)
     params = learned_rerank.init_params(model, spec, jax.random.key(0))
     plain = learned_rerank.learned_scorer(model, params, spec, leave_one_out=False)

@@ -23,7 +23,7 @@ from cbir_jax.data import DataError
 from cbir_jax.runs.cli import overridden_keys, run_or_exit, to_typed
 from cbir_jax.runs.trained import load_run
 from cbir_jax.scoring import heads
-from cbir_jax.training.checkpointing import CheckpointError
+from cbir_jax.core.errors import CheckpointError
 
 
 def index(cfg_dict: DictConfig, overridden: frozenset[str] = frozenset()) -> tuple[Path, Index]:

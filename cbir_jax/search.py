@@ -26,10 +26,10 @@ from omegaconf import DictConfig
 from cbir_jax.evaluation import figures
 from cbir_jax.scoring import heads, ranking, scorers
 from cbir_jax.features import postprocess
-from cbir_jax.training.checkpointing import CheckpointError
-from cbir_jax.runs.cli import overridden_keys, print_outputs, run_dir, run_or_exit, to_typed
+from cbir_jax.core.errors import CheckpointError
+from cbir_jax.runs.cli import overridden_keys, print_outputs, refuse_overrides, run_dir, run_or_exit, to_typed
 from cbir_jax.core.config import CONFIG_DIR
-from cbir_jax.api.index import Index, refuse_overrides
+from cbir_jax.api.index import Index
 from cbir_jax.data import DataError, ImageLoadError
 from cbir_jax.data.base import load_image_file
 from cbir_jax.runs.trained import load_trained, trained_scorer

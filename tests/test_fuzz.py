@@ -141,7 +141,7 @@ OVERRIDE = st.one_of(
 def _build_components(cfg) -> None:
     """What a run builds from its config before any data is read: every choice is resolved here."""
     from cbir_jax.scoring import heads
-    from cbir_jax.training import losses, trainer
+    from cbir_jax.training import losses, optim
     from cbir_jax.labels import pair_labels
     from cbir_jax.features import postprocess
     from cbir_jax.data import splits
@@ -149,7 +149,7 @@ def _build_components(cfg) -> None:
 
     heads.build_head(cfg.head)
     losses.get_loss(cfg.loss)
-    trainer.make_optimizer(cfg.train, total_steps=10)
+    optim.make_optimizer(cfg.train, total_steps=10)
     pair_labels.PAIR_LABELS.get(cfg.labels.name)
     pair_labels.transform_targets(cfg.labels.transform, np.arange(5.0))
     postprocess.fit(cfg.features, np.random.default_rng(0).normal(size=(12, 6)))

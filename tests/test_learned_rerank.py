@@ -14,7 +14,7 @@ from cbir_jax.evaluation.retrieval import evaluate_scorer
 
 from helpers import compose_config
 
-SPEC = learned_rerank.RerankerSpec(k=6, alpha=3.0, qe_k=4, qe_alpha=1.0, dim=16, depth=1, heads=2)
+SPEC = LearnedRerankConfig(k=6, alpha=3.0, qe_k=4, qe_alpha=1.0, dim=16, depth=1, heads=2)
 
 
 def _random_params(spec, seed=0):
@@ -35,7 +35,7 @@ def _clusters(rng, n_classes, per_class, dim=16, noise=0.6):
 
 def test_untrained_model_is_exactly_dba_alpha_qe():
     x, _ = _clusters(np.random.default_rng(0), 5, 8)
-    spec = learned_rerank.RerankerSpec(k=6, alpha=3.0, qe_k=4, qe_alpha=1.0, dim=16, depth=1, heads=2, query_side=False)
+    spec = LearnedRerankConfig(k=6, alpha=3.0, qe_k=4, qe_alpha=1.0, dim=16, depth=1, heads=2, query_side=False)
     model = learned_rerank.build_model(spec)
     ours = learned_rerank.learned_scorer(model, learned_rerank.init_params(model, spec, jax.random.key(0)), spec)
     dba = rerank.build_reranker("dba_alpha_qe", k=6, alpha=3.0, qe_k=4, qe_alpha=1.0)
@@ -117,7 +117,7 @@ def test_training_on_planted_structure_beats_alpha_qe_and_its_own_start(tmp_path
     cfg.head.reranker = LearnedRerankConfig(k=8, qe_k=5, dim=16, depth=1, heads=2, queries_per_step=40, val_every=100)
     cfg.train = TrainConfig(epochs=40, learning_rate=3e-3, warmup_steps=5)
     params, summary = rerank_training.train_reranker(cfg, train_x, lambda: train_y, train_x[:0], None, tmp_path)
-    spec = rerank_training.spec_from_config(cfg.head.reranker)
+    spec = cfg.head.reranker
     model = learned_rerank.build_model(spec)
     loo = np.arange(len(test_y))
 

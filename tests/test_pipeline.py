@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from cbir_jax.core.errors import CheckpointError
 from cbir_jax.training import checkpointing
 from cbir_jax.scoring import heads
 from cbir_jax.runs.cli import to_typed
@@ -63,7 +64,7 @@ def test_fixed_seed_reproduces_and_resume_continues_identically(tmp_path):
     shutil.copytree(full / ".hydra", resumed / ".hydra")
     (resumed / "checkpoints").mkdir()
     shutil.copytree(full / "checkpoints" / "5", resumed / "checkpoints" / "5")
-    with pytest.raises(checkpointing.CheckpointError, match="train.resume=true"):
+    with pytest.raises(CheckpointError, match="train.resume=true"):
         train(cfg, resumed)
     _train(resumed, keep_all, "train.evaluate=false", "train.resume=true")
     jax.tree_util.tree_map(np.testing.assert_array_equal, final, _params(resumed, cfg))
@@ -90,7 +91,7 @@ def test_checkpoint_feature_size_mismatch_is_one_line(tmp_path):
     run = tmp_path / "run"
     _train(run, "train.evaluate=false")
     cfg = compose_config(f"checkpoint={run}", "backbone.image_size=8")
-    with pytest.raises(checkpointing.CheckpointError, match="trained on pixels") as e:
+    with pytest.raises(CheckpointError, match="trained on pixels") as e:
         evaluate(cfg, tmp_path / "eval", overridden=frozenset({"backbone"}))
     assert "\n" not in str(e.value)
 

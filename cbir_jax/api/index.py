@@ -111,17 +111,6 @@ def _typed(schema: type, values: dict[str, Any]) -> Any:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
 
 
-# What a saved index fixes for itself: a command given one of these beside `index=` would silently ignore it.
-INDEX_FIXES = ("data", "checkpoint", "backbone", "head", "features")
-
-
-def refuse_overrides(index_path: str, overridden: frozenset[str]) -> None:
-    """One line for `search index=FILE data=...` (and the like): the index already decides those keys."""
-    for key in INDEX_FIXES:
-        if key in overridden:
-            raise ConfigError(f"index={index_path} holds its gallery, backbone, post-processing and scorer: drop {key}=")
-
-
 class Index:
     """A searchable folder of images: raw backbone features, the post-processing fitted on them, a scorer.
 

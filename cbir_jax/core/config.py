@@ -121,9 +121,13 @@ class PairsConfig:
     per_anchor: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(unsafe_hash=True)  # hashable: the jitted re-ranker takes it as a static argument
 class LearnedRerankConfig:
-    """`head=learned_rerank`: DBA + alpha-QE whose neighbour weights a transformer learns (learned_rerank.py)."""
+    """`head=learned_rerank`: DBA + alpha-QE whose neighbour weights a transformer learns (learned_rerank.py).
+
+    The one description of the re-ranker: its shape and non-learned parts (k, alphas, sides), saved in
+    `model.json`, and its training (targets, episodes, temperature). Never changed after it is built.
+    """
 
     k: int = 50  # neighbours per item, database side and query side
     alpha: float = 3.0  # base DBA weights max(cos, 0)^alpha, corrected by the model

@@ -22,6 +22,10 @@ class RunDirError(UserError):
     """A run folder that must not be written: a finished run, or a resume that does not fit it."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or run folder that cannot be used (missing, damaged, of another backbone); one line."""
+
+
 class DivergedError(UserError):
     """Training produced a non-finite loss or parameters; the last good checkpoint is kept."""
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbir_jax.core.config import Config
 from cbir_jax.core.config_checks import validate
-from cbir_jax.core.errors import Interrupted, UserError
+from cbir_jax.core.errors import ConfigError, Interrupted, UserError
 
 T = TypeVar("T")
 # OS errors a user's environment causes (a path that is missing, not writable, or on a full disk): one line
@@ -102,3 +102,14 @@ class RunGuard(Callback):
             if known is None or os.environ.get("CBIR_JAX_DEBUG"):
                 raise
             exit_with(*known)
+
+
+# What a saved index fixes for itself: a command given one of these beside `index=` would silently ignore it.
+INDEX_FIXES = ("data", "checkpoint", "backbone", "head", "features")
+
+
+def refuse_overrides(index_path: str, overridden: frozenset[str]) -> None:
+    """One line for `search index=FILE data=...` (and the like): the index already decides those keys."""
+    for key in INDEX_FIXES:
+        if key in overridden:
+            raise ConfigError(f"index={index_path} holds its gallery, backbone, post-processing and scorer: drop {key}=")

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig, OmegaConf
 
+from cbir_jax.core.errors import CheckpointError
 from cbir_jax.backbones import Backbone, build_backbone
 from cbir_jax.core.config import Config, Select, default_cache_dir
 from cbir_jax.core.config_checks import validate
@@ -33,7 +34,7 @@ def load_trained(run: Path, cfg_now: DictConfig, overridden: frozenset[str] = fr
     """The training run's saved config, with the top-level keys the user set today (e.g. `data`) replaced."""
     saved_path = run / ".hydra" / "config.yaml"
     if not saved_path.exists():
-        raise checkpointing.CheckpointError(f"checkpoint={run}: no .hydra/config.yaml; not a cbir_jax run directory")
+        raise CheckpointError(f"checkpoint={run}: no .hydra/config.yaml; not a cbir_jax run directory")
     info = checkpointing.read_model_info(run)
     saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved_path))
     for key in set(_RUNTIME_KEYS) | set(overridden):
@@ -44,7 +45,7 @@ def load_trained(run: Path, cfg_now: DictConfig, overridden: frozenset[str] = fr
 def check_backbone(run: Path, info: dict[str, Any], backbone: Backbone) -> None:
     """A pair head reads feature directions: it scores only features of the backbone it was trained on."""
     if info["backbone_fingerprint"] != backbone.fingerprint:
-        raise checkpointing.CheckpointError(
+        raise CheckpointError(
             f"checkpoint={run} was trained on {info['backbone']} features "
             f"(size {info['backbone_feature_dim']}), not on {backbone.name} (size {backbone.feature_dim})"
         )

@@ -21,33 +21,18 @@ transformer passes); scoring only gathers them. The query's own neighbourhood ex
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cbir_jax.core.config import LearnedRerankConfig
 from cbir_jax.scoring import ranking, scorers
 from cbir_jax.core.vectors import l2_normalise
 from cbir_jax.scoring.rerank import mask_self, neighbourhood_gram, weights_from_similarity
 
 EPS = 1e-12
-
-
-@dataclasses.dataclass(frozen=True)
-class RerankerSpec:
-    """Everything that fixes the re-ranker's shape and its non-learned parts (saved with a checkpoint)."""
-
-    k: int = 50  # neighbours per item (database side and query side)
-    alpha: float = 3.0  # base weights max(cos, 0)^alpha, as DBA
-    qe_k: int = 15  # alpha-QE over the augmented gallery
-    qe_alpha: float = 1.0
-    dim: int = 64
-    depth: int = 2
-    heads: int = 4
-    query_side: bool = True  # learned expansion of the query over its own neighbours
-    database_side: bool = True  # learned weights for the gallery's d_i (False: plain DBA weights)
 
 
 class NeighbourhoodTransformer(nn.Module):
@@ -109,7 +94,7 @@ def gallery_neighbourhoods(g: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def prepare_gallery(
-    model, params, spec: RerankerSpec, gallery: jax.Array, *, loo: bool = True, batch: int = 32
+    model, params, spec: LearnedRerankConfig, gallery: jax.Array, *, loo: bool = True, batch: int = 32
 ) -> dict[str, jax.Array]:
     """Every gallery row's unit-norm d_j as coefficients over its members, for each leave-one-out variant
     (`loo=False`: only the spare's variant, for queries that are not in the gallery, as in training).
@@ -150,7 +135,7 @@ def _augmented_similarity(v: jax.Array, rows: dict[str, jax.Array], var: jax.Arr
     return jnp.einsum("bjm,bjm->bj", coef, p[:, rows["members"]])
 
 
-def expand_queries(model, params, spec: RerankerSpec, g: jax.Array, q: jax.Array, self_index: jax.Array) -> jax.Array:
+def expand_queries(model, params, spec: LearnedRerankConfig, g: jax.Array, q: jax.Array, self_index: jax.Array) -> jax.Array:
     """Each unit query expanded over its k gallery neighbours (itself excluded) with the learned weights."""
     _, top_i = jax.lax.top_k(mask_self(q @ g.T, self_index), spec.k + 1)
     vecs = jnp.concatenate([q[:, None], g[top_i]], axis=1)  # (B, k+2, D); the spare stays masked
@@ -160,7 +145,7 @@ def expand_queries(model, params, spec: RerankerSpec, g: jax.Array, q: jax.Array
     return l2_normalise(jnp.einsum("bm,bmd->bd", w, vecs))
 
 
-def score_queries(model, params, spec: RerankerSpec, rows: dict[str, jax.Array], queries: jax.Array, self_index: jax.Array) -> jax.Array:
+def score_queries(model, params, spec: LearnedRerankConfig, rows: dict[str, jax.Array], queries: jax.Array, self_index: jax.Array) -> jax.Array:
     """(B, N) final similarities: learned query expansion, then α-QE over the (leave-one-out) d_j."""
     g = rows["g"]
     b, n = queries.shape[0], g.shape[0]
@@ -183,7 +168,7 @@ def score_queries(model, params, spec: RerankerSpec, rows: dict[str, jax.Array],
     return _augmented_similarity(expanded, rows, var)
 
 
-def learned_scorer(model, params, spec: RerankerSpec, name: str = "learned_rerank", *, leave_one_out: bool = True) -> scorers.Scorer:
+def learned_scorer(model, params, spec: LearnedRerankConfig, name: str = "learned_rerank", *, leave_one_out: bool = True) -> scorers.Scorer:
     """The trained re-ranker as a Scorer (whole gallery at once, like the other re-rankers).
 
     `leave_one_out=False` prepares each d_j once, without the variants that keep a gallery item that is
@@ -203,10 +188,10 @@ def learned_scorer(model, params, spec: RerankerSpec, name: str = "learned_reran
 _prepare_jit = jax.jit(prepare_gallery, static_argnames=("model", "spec", "loo", "batch"))
 
 
-def build_model(spec: RerankerSpec) -> NeighbourhoodTransformer:
+def build_model(spec: LearnedRerankConfig) -> NeighbourhoodTransformer:
     return NeighbourhoodTransformer(dim=spec.dim, depth=spec.depth, heads=spec.heads)
 
 
-def init_params(model: NeighbourhoodTransformer, spec: RerankerSpec, rng: jax.Array) -> Any:
+def init_params(model: NeighbourhoodTransformer, spec: LearnedRerankConfig, rng: jax.Array) -> Any:
     m = spec.k + 2
     return model.init(rng, jnp.zeros((1, m, m)), jnp.ones((1, m), bool))["params"]

@@ -26,8 +26,8 @@ from PIL import Image
 from cbir_jax.scoring import heads, ranking, scorers
 from cbir_jax.features import postprocess
 from cbir_jax.backbones import Backbone
-from cbir_jax.training.checkpointing import CheckpointError
-from cbir_jax.runs.cli import to_typed
+from cbir_jax.core.errors import CheckpointError
+from cbir_jax.runs.cli import refuse_overrides, to_typed
 from cbir_jax.core.config import Config
 from cbir_jax.data import DataError
 from cbir_jax.runs.trained import load_trained, trained_scorer
@@ -157,7 +157,7 @@ def prepare_gallery(cfg_dict: DictConfig, overridden: frozenset[str] = frozenset
 def prepare_index_gallery(cfg: Config, overridden: frozenset[str] = frozenset()) -> PreparedGallery:
     """The page over a saved index (`python -m cbir_jax.index`): its features, post-processing and scorer
     (first), then `serve.scorers` on the same features. No gallery feature is computed again."""
-    from cbir_jax.api.index import Index, refuse_overrides  # the page is an entry point: it may use the API
+    from cbir_jax.api.index import Index  # the page is an entry point: it may use the API
 
     refuse_overrides(cfg.index, overridden)
     named = _named_scorers(cfg)

@@ -13,13 +13,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from cbir_jax.core.errors import UserError
+from cbir_jax.core.errors import CheckpointError
 
 MODEL_FILE = "model.json"
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used; its message is one line."""
 
 
 def _abstract(tree: Any) -> Any:

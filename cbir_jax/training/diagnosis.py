@@ -19,7 +19,7 @@ from cbir_jax.evaluation import diagnostics
 from cbir_jax.scoring import heads, scorers
 from cbir_jax.scoring.compose import head_scorer
 from cbir_jax.labels import pair_labels
-from cbir_jax.training import pairs, trainer
+from cbir_jax.training import pairs
 from cbir_jax.core.config import Config
 from cbir_jax.features.stage import Stage, as_gallery
 
@@ -41,7 +41,7 @@ def _pairs(cfg: Config, ctx: pair_labels.PairContext, epoch: int) -> tuple[np.nd
     nbrs = pairs.neighbours(ctx.features, cfg.pairs.hard_k) if cfg.pairs.hard_fraction > 0 else None
     batch = min(cfg.train.batch_size, cfg.pairs.pairs_per_epoch)
     steps = max(1, cfg.pairs.pairs_per_epoch // batch)
-    i, j, t = trainer.epoch_batches(cfg, ctx, n, nbrs, epoch, steps, batch)
+    i, j, t = pairs.epoch_batches(cfg, ctx, n, nbrs, epoch, steps, batch)
     return i.ravel(), j.ravel(), t.ravel()
 
 

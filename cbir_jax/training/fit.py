@@ -53,12 +53,13 @@ def _train_reranker(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Pat
         if val_y is None:
             raise DataError("head.reranker.base=tuned needs validation rows: set data.split.val_fraction > 0")
         chosen, _ = tuning.tune_reranker("dba_alpha_qe", val_x, val_y, cfg.cache_dir)
-        cfg.head.reranker = dataclasses.replace(cfg.head.reranker, base="fixed", **chosen)
+        reranker = dataclasses.replace(cfg.head.reranker, base="fixed", **chosen)
+        cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, reranker=reranker))  # the caller's stays
         log.info("re-ranker base: DBA + alpha-QE tuned on validation rows: %s", chosen)
     params, summary = rerank_training.train_reranker(
         cfg, train_x, lambda: None if fs.labels is None else fs.labels[split.train], val_x, val_y, out_dir
     )
-    spec = rerank_training.spec_from_config(cfg.head.reranker)
+    spec = cfg.head.reranker
     scorer = learned_rerank.learned_scorer(learned_rerank.build_model(spec), params, spec, cfg.head.name)
     return scorer, {"reranker": {**summary, "config": dataclasses.asdict(cfg.head.reranker)}}, {}
 

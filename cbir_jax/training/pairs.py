@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax.scoring import ranking
+from cbir_jax.labels import pair_labels
 from cbir_jax.scoring.scorers import fixed_scorer
 
 
@@ -44,3 +45,21 @@ def sample_anchor_groups(
         j[:, :n_hard] = nbrs[anchors[:, None], rng.integers(0, nbrs.shape[1], (num_anchors, n_hard))]
     i = np.broadcast_to(anchors[:, None], j.shape).copy()
     return i, j
+
+
+def epoch_batches(
+    cfg, context: pair_labels.PairContext, n: int, nbrs: np.ndarray | None, epoch: int, steps: int, batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epoch `epoch`'s pairs and targets, each shaped (steps, batch) — or (steps, batch // M, M) in groups of
+    one anchor and M = `pairs.per_anchor` candidates."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    per_anchor = cfg.pairs.per_anchor
+    if per_anchor > 0:
+        groups = max(1, batch // per_anchor)
+        i, j = sample_anchor_groups(rng, n, steps * groups, per_anchor, cfg.pairs.hard_fraction, nbrs)
+        shape = (steps, groups, per_anchor)
+    else:
+        i, j = sample_pairs(rng, n, steps * batch, cfg.pairs.hard_fraction, nbrs)
+        shape = (steps, batch)
+    targets = pair_labels.pair_targets(context, i, j)
+    return tuple(x.reshape(shape) for x in (i, j, targets))

@@ -37,7 +37,7 @@ from cbir_jax.data import DataError
 from cbir_jax.core.errors import DivergedError
 from cbir_jax.evaluation.metrics import MetricAccumulator
 from cbir_jax.core.registry import Registry
-from cbir_jax.training.trainer import learning_rate_at, learning_rate_schedule, make_optimizer
+from cbir_jax.training import optim
 from cbir_jax.training.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,6 @@ def pseudo_relevance(features: np.ndarray, labels: Callable[[], np.ndarray | Non
     rel = np.zeros(s.shape, bool)
     rel[np.arange(len(s))[:, None], top] = True
     return rel | rel.T
-
-
-def spec_from_config(cfg) -> learned_rerank.RerankerSpec:
-    """The model's shape from `head.reranker` (a LearnedRerankConfig)."""
-    return learned_rerank.RerankerSpec(
-        k=cfg.k, alpha=cfg.alpha, qe_k=cfg.qe_k, qe_alpha=cfg.qe_alpha, dim=cfg.dim, depth=cfg.depth,
-        heads=cfg.heads, query_side=cfg.query_side, database_side=cfg.database_side,
-    )
 
 
 def episode_loss(model, spec, params, xq, xg, relevant, temperature: float) -> jax.Array:
@@ -115,7 +107,7 @@ def train_reranker(
 ) -> tuple[Any, dict[str, Any]]:
     """Trains on episodes of the training rows; returns the best-on-validation parameters and a summary."""
     rcfg = cfg.head.reranker
-    spec = spec_from_config(rcfg)
+    spec = rcfg
     model = learned_rerank.build_model(spec)
     params = learned_rerank.init_params(model, spec, jax.random.key(cfg.seed))
     n = len(train_x)
@@ -127,7 +119,7 @@ def train_reranker(
     relevance = TARGETS.get(rcfg.targets)(train_x, train_labels, rcfg)
     steps_per_epoch = max(1, -(-n // n_query))
     total = steps_per_epoch * cfg.train.epochs
-    tx = make_optimizer(cfg.train, total)
+    tx = optim.make_optimizer(cfg.train, total)
     opt_state = tx.init(params)
     step_fn = make_step(model, spec, tx, rcfg.temperature)
     has_val = val_y is not None and len(val_y) > spec.k + 2
@@ -140,7 +132,7 @@ def train_reranker(
              n, total, best["val_map_at_r"])
     feats = jnp.asarray(train_x)
     started = time.time()
-    lr = learning_rate_schedule(cfg.train, total)
+    lr = optim.learning_rate_schedule(cfg.train, total)
     with MetricsLog(run_dir, keep_up_to=-1) as metrics:  # it never resumes: nothing earlier is kept
         metrics.write({"step": 0, "epoch": 0, "val_map_at_r": best["val_map_at_r"]})
         progress = tqdm(total=total, desc="train re-ranker", unit="step", mininterval=2.0)
@@ -157,7 +149,7 @@ def train_reranker(
                 if not np.isfinite(losses[-1]):
                     raise DivergedError(f"re-ranker training diverged: loss {losses[-1]} at step {step} (lower train.learning_rate)")
             record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": float(np.mean(losses)),
-                                      "learning_rate": learning_rate_at(lr, step)}
+                                      "learning_rate": optim.learning_rate_at(lr, step)}
             losses = []
             if has_val and (epoch % rcfg.val_every == 0 or epoch == cfg.train.epochs):
                 record["val_map_at_r"] = validate(params)
@@ -183,7 +175,7 @@ def restore_scorer(cfg, run_dir: Path, info: dict[str, Any], name: str = "learne
     """The trained re-ranker of a run directory as a Scorer, shaped as `model.json` says it was trained
     (with `base=tuned` its k and alphas were chosen on validation rows during training)."""
     saved = info.get("reranker", {}).get("config")
-    spec = spec_from_config(type(cfg.head.reranker)(**saved) if saved else cfg.head.reranker)
+    spec = type(cfg.head.reranker)(**saved) if saved else cfg.head.reranker
     model = learned_rerank.build_model(spec)
     like = learned_rerank.init_params(model, spec, jax.random.key(0))
     return learned_rerank.learned_scorer(model, checkpointing.restore_params(run_dir, like), spec, name)

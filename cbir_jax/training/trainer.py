@@ -21,42 +21,13 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cbir_jax.training import checkpointing, curves, guards, losses, pairs, selection
+from cbir_jax.training import checkpointing, curves, guards, losses, optim, pairs, selection
 from cbir_jax.training.metrics_log import MetricsLog
 from cbir_jax.scoring import heads
 from cbir_jax.labels import pair_labels
-from cbir_jax.core.errors import DivergedError, Interrupted
-from cbir_jax.core.registry import Registry
+from cbir_jax.core.errors import CheckpointError, DivergedError, Interrupted
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
-OPTIMIZERS.register("adamw")(lambda lr, cfg: optax.adamw(lr, weight_decay=cfg.weight_decay))
-OPTIMIZERS.register("adam")(lambda lr, cfg: optax.adam(lr))
-OPTIMIZERS.register("sgd")(lambda lr, cfg: optax.sgd(lr, momentum=0.9))
-
-
-def learning_rate_schedule(cfg, total_steps: int) -> optax.ScalarOrSchedule:
-    """`train.schedule`: a schedule of the update count, or a constant as a plain float (a schedule would add
-    a counter to the optimizer state, and checkpoints of constant-rate runs would no longer restore)."""
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, cfg.learning_rate, min(cfg.warmup_steps, max(total_steps - 1, 0)), max(total_steps, 1)
-        )
-    if cfg.schedule == "constant":
-        return cfg.learning_rate
-    raise ValueError(f"train.schedule={cfg.schedule!r}: valid are cosine, constant")  # the schema rules it out
-
-
-def learning_rate_at(schedule: optax.ScalarOrSchedule, step: int) -> float:
-    """The rate the update that produced `step` used (optax counts updates from 0)."""
-    return float(schedule(max(step - 1, 0))) if callable(schedule) else float(schedule)
-
-
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    opt = OPTIMIZERS.get(cfg.optimizer)(learning_rate_schedule(cfg, total_steps), cfg)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt) if cfg.grad_clip else opt
-
 
 def make_train_step(head: nn.Module, tx: optax.GradientTransformation, loss_fn) -> Callable:
     @jax.jit
@@ -69,24 +40,6 @@ def make_train_step(head: nn.Module, tx: optax.GradientTransformation, loss_fn) 
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
-
-
-def epoch_batches(
-    cfg, context: pair_labels.PairContext, n: int, nbrs: np.ndarray | None, epoch: int, steps: int, batch: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Epoch `epoch`'s pairs and targets, each shaped (steps, batch) — or (steps, batch // M, M) in groups of
-    one anchor and M = `pairs.per_anchor` candidates."""
-    rng = np.random.default_rng([cfg.seed, epoch])
-    per_anchor = cfg.pairs.per_anchor
-    if per_anchor > 0:
-        groups = max(1, batch // per_anchor)
-        i, j = pairs.sample_anchor_groups(rng, n, steps * groups, per_anchor, cfg.pairs.hard_fraction, nbrs)
-        shape = (steps, groups, per_anchor)
-    else:
-        i, j = pairs.sample_pairs(rng, n, steps * batch, cfg.pairs.hard_fraction, nbrs)
-        shape = (steps, batch)
-    targets = pair_labels.pair_targets(context, i, j)
-    return tuple(x.reshape(shape) for x in (i, j, targets))
 
 
 def train_head(
@@ -126,7 +79,7 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
     batch = min(cfg.train.batch_size, cfg.pairs.pairs_per_epoch)
     steps_per_epoch = max(1, cfg.pairs.pairs_per_epoch // batch)
     total_steps = steps_per_epoch * cfg.train.epochs
-    tx = make_optimizer(cfg.train, total_steps)
+    tx = optim.make_optimizer(cfg.train, total_steps)
     opt_state = tx.init(params)
     step_fn = make_train_step(head, tx, losses.get_loss(cfg.loss))
     nbrs = pairs.neighbours(features, cfg.pairs.hard_k) if cfg.pairs.hard_fraction > 0 else None
@@ -138,12 +91,12 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
         opt_state, step = train_state["opt_state"], int(train_state["step"])
         log.info("resumed from step %d of %d", step, total_steps)
     elif mngr.latest_step() is not None:
-        raise checkpointing.CheckpointError(
+        raise CheckpointError(
             f"{run_dir} already holds checkpoints; pass train.resume=true to continue them"
         )
 
     feats = jnp.asarray(features)
-    lr = learning_rate_schedule(cfg.train, total_steps)
+    lr = optim.learning_rate_schedule(cfg.train, total_steps)
     with MetricsLog(run_dir, keep_up_to=step) as metrics:  # each step once, also after a resume
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
         state.update(mngr=mngr, step=step, progress=progress)
@@ -154,7 +107,7 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
         stopped = keeper is not None and keeper.selection.should_stop(cfg.train.patience)
         while step < total_steps and not stopped:
             epoch, offset = divmod(step, steps_per_epoch)
-            i, j, targets = epoch_batches(cfg, context, n, nbrs, epoch, steps_per_epoch, batch)
+            i, j, targets = pairs.epoch_batches(cfg, context, n, nbrs, epoch, steps_per_epoch, batch)
             for b in range(offset, steps_per_epoch):
                 params, opt_state, loss = step_fn(params, opt_state, feats, i[b], j[b], targets[b])
                 step += 1
@@ -164,7 +117,7 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     record = {"step": step, "epoch": epoch, "loss": loss_sum / loss_count,
-                              "learning_rate": learning_rate_at(lr, step)}
+                              "learning_rate": optim.learning_rate_at(lr, step)}
                     metrics.write(record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}")
                     loss_sum, loss_count = 0.0, 0
