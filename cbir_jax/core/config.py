@@ -1,7 +1,7 @@
 """Typed config schemas: Hydra validates every composed config against these at start-up.
 
 A typo in a key, an override without `+`, or a value of the wrong type fails before any work is done,
-with Hydra's own message. The YAML files under `configs/` only choose values.
+with Hydra's own message. The YAML files under `cbir_jax/configs/` (linked as `configs/` at the project root) only choose values.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -18,7 +19,9 @@ from omegaconf import OmegaConf
 from cbir_jax.core.registry import UnknownComponentError
 from cbir_jax.core import help_text
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+# Shipped inside the package, so an installed wheel composes the same configs as a source checkout
+# (`configs/` at the project root is a link to this folder).
+CONFIG_DIR = str(resources.files("cbir_jax") / "configs")
 T = TypeVar("T")
 
 
