@@ -50,3 +50,37 @@ def test_cli_typo_is_hydras_one_message(tmp_path):
     )
     assert out.returncode != 0
     assert "Could not find 'head/mlpp'" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "override, valid",
+    [
+        ("loss.name=msee", "mse"),
+        ("train.optimizer=adamx", "adamw"),
+        ("head.base=cosin", "ssim_ratio"),
+        ("eval.baselines=[cosine,cosin]", "dba_alpha_qe"),
+        ("eval.tuned_baselines=[dba]", "diffusion"),
+        ("serve.scorers=[cosin]", "alpha_qe"),
+    ],
+)
+def test_a_misspelled_choice_fails_at_compose_time_listing_the_valid_ones(override, valid):
+    """Closed choices are enums in the schema: a typo fails before any work, and the message names the
+    valid values (not after a whole training run, as a plain string would)."""
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_config(override)
+    message = str(e.value) + str(e.value.__cause__)
+    assert "Invalid value" in message and valid in message
+
+
+def test_every_choice_enum_is_exactly_its_registry():
+    """The schema's enums and the registries that build the components list the same names."""
+    from cbir_jax.core import config
+    from cbir_jax.scoring import heads, rerank
+    from cbir_jax.scoring.baselines import baseline_names
+    from cbir_jax.training import losses, optim
+
+    assert set(config.LossName) == set(losses.LOSSES.names())
+    assert set(config.Optimizer) == set(optim.OPTIMIZERS.names())
+    assert set(config.FixedMetric) == set(heads.FIXED_METRICS)
+    assert set(config.TunedBaseline) == set(rerank.RERANKERS.names())
+    assert set(config.Baseline) == set(baseline_names())

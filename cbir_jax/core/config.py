@@ -46,6 +46,12 @@ Schedule = choice("Schedule", "cosine", "constant")
 EvalOn = choice("EvalOn", "auto", "held_out", "all")
 Select = choice("Select", "best", "last")
 TunedBaseline = choice("TunedBaseline", "alpha_qe", "dba_alpha_qe", "diffusion")
+# The names the registries hold (losses.LOSSES, optim.OPTIMIZERS, heads.FIXED_METRICS, rerank.RERANKERS);
+# tests/test_config.py checks each enum against its registry, so a new entry cannot be left out of either.
+LossName = choice("LossName", "mse", "contrastive", "ranking", "listwise")
+Optimizer = choice("Optimizer", "adamw", "adam", "sgd")
+FixedMetric = choice("FixedMetric", "cosine", "euclid", "ssim", "ssim_ratio")
+Baseline = choice("Baseline", *FixedMetric, *TunedBaseline)  # a fixed metric or a non-learned re-ranker
 
 
 @dataclasses.dataclass
@@ -162,7 +168,7 @@ class HeadConfig:
     # mlp / simnet: a fixed metric `base` plus a zero-initialised learned correction (starts *at* the metric).
     # false: the seed's architecture.
     residual: bool = False
-    base: str = "cosine"
+    base: FixedMetric = FixedMetric.cosine
     # mlp: all weights >= 0, output negated, so a larger (q - g)^2 never raises the score (relu or tanh).
     monotone: bool = False
     # CSLS hubness correction: subtract each gallery item's mean similarity to its csls_k nearest gallery
@@ -172,7 +178,7 @@ class HeadConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    name: str = "mse"  # mse | contrastive | ranking | listwise
+    name: LossName = LossName.mse
     margin: float = 0.5
     temperature: float = 0.1  # listwise: softmax temperature of targets and scores
 
@@ -181,7 +187,7 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 256
-    optimizer: str = "adamw"
+    optimizer: Optimizer = Optimizer.adamw
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     schedule: Schedule = Schedule.cosine
@@ -207,8 +213,8 @@ class EvalConfig:
     query_chunk: int = 256
     gallery_chunk: int = 8192
     # Fixed metrics and non-learned re-rankers compared with the trained head in every table.
-    baselines: list[str] = dataclasses.field(
-        default_factory=lambda: ["euclid", "cosine", "ssim", "ssim_ratio"]
+    baselines: list[Baseline] = dataclasses.field(
+        default_factory=lambda: [Baseline.euclid, Baseline.cosine, Baseline.ssim, Baseline.ssim_ratio]
     )
     figure: bool = True
     # Which checkpoint of a trained run is evaluated: best (best validation MAP@R; the last one where the
@@ -226,7 +232,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback: nobody else on the network can reach the page unless told to
     port: int = 8000
     # Scorers shown side by side, after the checkpoint's head when one is given: fixed metrics or re-rankers.
-    scorers: list[str] = dataclasses.field(default_factory=lambda: ["cosine", "dba_alpha_qe"])
+    scorers: list[Baseline] = dataclasses.field(default_factory=lambda: [Baseline.cosine, Baseline.dba_alpha_qe])
     max_upload_bytes: int = 8 * 2**20
     max_pixels: int = 36_000_000  # larger uploads are refused before decoding (a decompression bomb)
 
