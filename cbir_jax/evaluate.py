@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cbir_jax.core.config import CONFIG_DIR
-from cbir_jax.evaluation.runner import evaluate_stage
+from cbir_jax.api.evaluation import run_evaluation
 from cbir_jax.features.stage import load_stage
 from cbir_jax.runs.cli import overridden_keys, print_outputs, run_dir, run_or_exit, to_typed
 from cbir_jax.runs.trained import load_trained, trained_scorer
@@ -39,7 +39,7 @@ def evaluate(cfg_dict: DictConfig, out_dir: Path, overridden: frozenset[str] = f
     else:
         on = "held_out" if cfg.eval.on == "held_out" else "all"
         stage = load_stage(cfg, split_by="none" if on == "all" else None)
-    return evaluate_stage(cfg, stage, learned, out_dir)
+    return run_evaluation(cfg, stage, learned, out_dir)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

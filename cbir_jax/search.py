@@ -23,19 +23,13 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from cbir_jax.evaluation import figures
-from cbir_jax.scoring import heads, ranking, scorers
-from cbir_jax.features import postprocess
-from cbir_jax.core.errors import CheckpointError
-from cbir_jax.runs.cli import overridden_keys, print_outputs, refuse_overrides, run_dir, run_or_exit, to_typed
+from cbir_jax.api.index import Index, from_command_line
 from cbir_jax.core.config import CONFIG_DIR
-from cbir_jax.api.index import Index
 from cbir_jax.data import DataError, ImageLoadError
 from cbir_jax.data.base import load_image_file
-from cbir_jax.runs.trained import load_trained, trained_scorer
 from cbir_jax.data.imageops import resize_square
-from cbir_jax.features.extract import forward_batches
-from cbir_jax.features.stage import load_stage
+from cbir_jax.evaluation import figures
+from cbir_jax.runs.cli import overridden_keys, print_outputs, run_dir, run_or_exit, to_typed
 
 log = logging.getLogger(__name__)
 
@@ -50,36 +44,9 @@ class Hit:
     image: Callable[[], np.ndarray]  # its picture, 128 x 128
 
 
-def _rank_gallery(
-    cfg, cfg_dict: DictConfig, query_image: np.ndarray, overridden: frozenset[str]
-) -> tuple[str, str, list[Hit]]:
-    """Extracts (or loads cached) features of every image of `data` and ranks them."""
-    if cfg.checkpoint:
-        run = Path(cfg.checkpoint)
-        cfg, info = load_trained(run, cfg_dict, overridden)
-        stage = load_stage(cfg, split_by="none")
-        scorer = trained_scorer(cfg, run, info, stage)
-    else:
-        if heads.is_learned(cfg.head.name):
-            raise CheckpointError(f"head={cfg.head.name} is learned: pass checkpoint=RUN_DIR (or a fixed head, e.g. head=cosine)")
-        stage = load_stage(cfg, split_by="none")
-        scorer = scorers.fixed_scorer(cfg.head.name)
-    fs = stage.features
-    query_raw = forward_batches(stage.backbone, [query_image], 1)
-    post = postprocess.fit(cfg.features, fs.features)
-    gallery, query = postprocess.apply(post, fs.features), postprocess.apply(post, query_raw)
-    s, idx = ranking.search(scorer, gallery, query, k=min(cfg.k, len(gallery)), chunk=cfg.eval.gallery_chunk)
-    labels, names = fs.labels, fs.dataset.class_names
-    hits = [Hit(fs.ids[i], float(score), names[labels[i]] if labels is not None and names else None,
-                functools.partial(fs.image, int(i))) for score, i in zip(s[0], idx[0]) if i >= 0]
-    return scorer.name, f"{fs.dataset.name} ({len(gallery)} images)", hits
-
-
-def _rank_index(cfg, query_image: np.ndarray, overridden: frozenset[str]) -> tuple[str, str, list[Hit]]:
-    """Ranks a saved index (`python -m cbir_jax.index`): no gallery image is read, no gallery feature computed."""
-    refuse_overrides(cfg.index, overridden)
-    index = Index.load(cfg.index)
-    scores, ids, _ = index.search(query_image, k=cfg.k)
+def _hits(index: Index, query_image: np.ndarray, k: int) -> list[Hit]:
+    """The index's own scorer's top-k for the query, with class names and pictures."""
+    scores, ids, _ = index.search(query_image, k=k)
 
     def picture(i: int) -> np.ndarray:
         try:
@@ -88,9 +55,8 @@ def _rank_index(cfg, query_image: np.ndarray, overridden: frozenset[str]) -> tup
             return np.full((128, 128, 3), 128, np.uint8)
 
     labels, names = index.labels, index.class_names
-    hits = [Hit(index.paths[i], float(score), names[labels[i]] if labels is not None and labels[i] >= 0 else None,
+    return [Hit(index.paths[i], float(score), names[labels[i]] if labels is not None and names and labels[i] >= 0 else None,
                 functools.partial(picture, int(i))) for score, i in zip(scores, ids) if i >= 0]
-    return index.scorer_name, f"index {cfg.index} ({len(index)} images)", hits
 
 
 def search(cfg_dict: DictConfig, out_dir: Path, overridden: frozenset[str] = frozenset()) -> list[tuple[str, float]]:
@@ -102,11 +68,11 @@ def search(cfg_dict: DictConfig, out_dir: Path, overridden: frozenset[str] = fro
     if not Path(cfg.query).is_file():
         raise DataError(f"query={cfg.query}: no such file")
     query_image = load_image_file(cfg.query)
-    if cfg.index:
-        scorer_name, gallery, hits = _rank_index(cfg, query_image, overridden)
-    else:
-        scorer_name, gallery, hits = _rank_gallery(cfg, cfg_dict, query_image, overridden)
-    print(f"query: {cfg.query}   scorer: {scorer_name}   gallery: {gallery}")
+    _, index = from_command_line(cfg_dict, overridden)
+    hits = _hits(index, query_image, cfg.k)
+    scorer_name = index.scorer.name
+    gallery = f"index {cfg.index}" if cfg.index else index.name
+    print(f"query: {cfg.query}   scorer: {scorer_name}   gallery: {gallery} ({len(index)} images)")
     for rank, hit in enumerate(hits, start=1):
         print(f"{rank:4d}  {hit.score: .5f}  {hit.id}" + (f"  [{hit.label}]" if hit.label else ""))
     out_dir.mkdir(parents=True, exist_ok=True)

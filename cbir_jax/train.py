@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 
 from cbir_jax.core.config import CONFIG_DIR, Config
 from cbir_jax.core.files import atomic_write_text
-from cbir_jax.evaluation.runner import evaluate_stage, validation_metrics, verdict
+from cbir_jax.api.evaluation import run_evaluation
+from cbir_jax.evaluation.runner import validation_metrics, verdict
 from cbir_jax.features.stage import load_stage
 from cbir_jax.runs.cli import print_outputs, run_dir, run_or_exit, to_typed
 from cbir_jax.training.diagnosis import run_diagnostics
@@ -44,7 +45,7 @@ def train_and_validate(cfg: Config, out_dir: Path) -> tuple[dict[str, dict[str, 
         run_diagnostics(cfg, stage, diagnosable, out_dir)
     if not cfg.train.evaluate:
         return {}, {}
-    results = evaluate_stage(cfg, stage, {cfg.head.name: scorer}, out_dir)
+    results = run_evaluation(cfg, stage, {cfg.head.name: scorer}, out_dir)
     note = verdict(results, cfg.head.name)
     if note:
         print(note, flush=True)

@@ -61,13 +61,25 @@ def test_hubness_of_known_lists():
 
 
 def test_ranking_diagnostics_on_perfect_and_inverted_scores():
+    """Through the one leave-one-out path: classes on orthogonal axes are retrieved perfectly by cosine and
+    not at all by its negation, and the hubness columns come from the same ranking."""
+    import jax.numpy as jnp
+
+    from cbir_jax.evaluation.retrieval import leave_one_out
+    from cbir_jax.scoring.scorers import Scorer, fixed_scorer
+
     labels = np.repeat(np.arange(4), 5)
-    same = (labels[:, None] == labels[None, :]).astype(np.float32)
-    for scores, want in ((same, 1.0), (-same, 0.0)):
-        s = scores.copy()
-        np.fill_diagonal(s, -np.inf)
-        out = diagnostics.ranking_diagnostics(s, labels, k=3)
+    x = np.eye(4, dtype=np.float32)[labels] + 0.01 * np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    cosine = fixed_scorer("cosine")
+    inverted = Scorer("inverted", cosine.prepare, lambda rows, shared, q, si: -cosine.score(rows, shared, q, si))
+    for scorer, want in ((cosine, 1.0), (inverted, 0.0)):
+        values: dict = {}
+        metrics = leave_one_out(scorer, x, labels, per_query=values, keep_top=3)
+        out = diagnostics.ranking_diagnostics(metrics, values["top_ids"], len(x), k=3)
         assert out["map_at_r"] == pytest.approx(want) and out["precision_at_1"] == pytest.approx(want)
+        same = labels[values["top_ids"]] == labels[:, None]
+        assert same.all() if want else not same.any()
+        assert not (values["top_ids"] == np.arange(20)[:, None]).any()  # never itself
 
 
 def test_train_writes_diagnostics_that_agree_with_each_other(tmp_path):

@@ -135,3 +135,38 @@ def test_project_imports_use_the_modules_own_names() -> None:
                 wrong += [f"{path.relative_to(root)}:{node.lineno} {a.name} as {a.asname}"
                           for a in names if a.asname and a.asname != a.name.rsplit(".", 1)[-1]]
     assert not wrong, "aliased project imports: " + "; ".join(wrong)
+
+
+def _calls(attribute: str) -> set[str]:
+    """Modules (outside `scoring/`, which implements ranking) whose code calls `<anything>.<attribute>(...)`
+    or `<attribute>(...)`."""
+    found = set()
+    for module in _modules():
+        if _part(module) == "scoring":
+            continue
+        path = PACKAGE.joinpath(*module.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if name == attribute:
+                    found.add(module)
+    return found
+
+
+def test_one_gallery_builder() -> None:
+    """Only `Index` ranks a gallery: search, the page and evaluation's figure are layers over it
+    (evaluation's metrics score whole galleries through `retrieval.evaluate_scorer`, training's pair sampling
+    takes neighbours through `ranking.gallery_neighbours`)."""
+    assert _calls("top_k") == {"cbir_jax.api.index"}
+    assert _calls("shortlist_rerank") == set() and _calls("search") <= {"cbir_jax.api.index", "cbir_jax.search"}
+
+
+def test_one_training_loop() -> None:
+    """Every learned scorer trains in `training/trainer.py`: it alone builds an optimiser, writes metrics.jsonl
+    and keeps the checkpoints being trained (the best-on-validation keeper keeps its own; `checkpointing`
+    opens them to restore)."""
+    assert _calls("make_optimizer") == {"cbir_jax.training.trainer"}
+    assert _calls("MetricsLog") == {"cbir_jax.training.trainer"}
+    assert _calls("manager") == {"cbir_jax.training.trainer", "cbir_jax.training.selection", "cbir_jax.training.checkpointing"}

@@ -319,11 +319,10 @@ def test_a_saved_index_is_served_without_extracting_again(site, tmp_path, monkey
     out of its folder stay unserved; nothing goes through the feature-extraction stage."""
     import cbir_jax
     from cbir_jax.core.errors import ConfigError
-    from cbir_jax.serve import gallery
 
     index = cbir_jax.Index.build("pixels", site["root"], scorer="euclid")
     path = index.save(tmp_path / "gallery.index")
-    monkeypatch.setattr(gallery, "load_stage", lambda *a, **k: pytest.fail("features extracted again"))
+    monkeypatch.setattr("cbir_jax.api.index.load_stage", lambda *a, **k: pytest.fail("features extracted again"))
     served = prepare_gallery(compose_config(f"index={path}", "serve.scorers=[cosine,dba_alpha_qe]"))
     assert list(served.scorers) == ["euclid", "cosine", "dba_alpha_qe"]
     assert sorted(served.ids) == sorted(p for p in index.paths if "link" not in p) and len(served) == 10

@@ -17,15 +17,16 @@ described in `api/store.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
@@ -33,18 +34,20 @@ from cbir_jax.api import faiss_export, store
 from cbir_jax.api.store import IndexFileError, Stored
 from cbir_jax.backbones import Backbone, build_backbone
 from cbir_jax.core.config import (
-    BackboneConfig, DataConfig, EvalConfig, FeaturesConfig, LabelsConfig, default_cache_dir, preset,
+    BackboneConfig, Config, DataConfig, EvalConfig, FeaturesConfig, LabelsConfig, default_cache_dir, preset,
 )
-from cbir_jax.core.errors import ConfigError, UserError
+from cbir_jax.core.errors import CheckpointError, UserError
 from cbir_jax.core.registry import UnknownComponentError
-from cbir_jax.data import ImageDataset, ImageLoadError, build_dataset
+from cbir_jax.data import DataError, ImageDataset, ImageLoadError, build_dataset
 from cbir_jax.data.base import load_image_file, pil_to_rgb, to_rgb_uint8
 from cbir_jax.features import postprocess
 from cbir_jax.features.extract import extract_features, forward_batches
-from cbir_jax.scoring import ranking
+from cbir_jax.features.stage import Stage, load_stage
+from cbir_jax.scoring import heads, ranking, scorers
 from cbir_jax.scoring.baselines import baseline_names, baseline_scorer
 from cbir_jax.scoring.scorers import Scorer
-from cbir_jax.runs.trained import Run, load_run
+from cbir_jax.runs.cli import refuse_overrides, to_typed
+from cbir_jax.runs.trained import Run, load_run, load_trained, trained_scorer
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +121,29 @@ class Index:
     order images were added, so `ids` index `paths` and `labels`.
     """
 
-    def __init__(self, data: Stored, backbone: Backbone, scorer: Scorer, features: FeaturesConfig,
-                 run: Optional[Run] = None, batch_size: int = 32, chunk: int = EvalConfig.gallery_chunk) -> None:
+    def __init__(self, data: Stored, backbone: Backbone, scorer: Union[Scorer, Mapping[str, Scorer]],
+                 features: FeaturesConfig, run: Optional[Run] = None, batch_size: int = 32,
+                 chunk: int = EvalConfig.gallery_chunk, load: Optional[Callable[[int], np.ndarray]] = None,
+                 name: str = "") -> None:
         self._data = data
+        self.name = name or f"folder:{Path(data.root).name}"  # where the gallery came from, for titles
         self.backbone = backbone
-        self.scorer = scorer
+        # name -> scorer; the first is the index's own (saved with it), the others rank the same gallery
+        self.scorers: dict[str, Scorer] = {scorer.name: scorer} if isinstance(scorer, Scorer) else dict(scorer)
+        if not self.scorers:
+            raise ValueError("an Index needs at least one scorer")
         self.features_config = features
         self.run = run
         self.batch_size = batch_size
         self.chunk = chunk
+        self._load = load  # row -> image, for galleries whose images are not files under `root`
         self._gallery: Optional[np.ndarray] = None
-        self._state: Any = None
+        self._states: dict[str, Any] = {}
+
+    @property
+    def scorer(self) -> Scorer:
+        """The index's own scorer (the one saved with it)."""
+        return next(iter(self.scorers.values()))
 
     # ---- building, saving, loading ------------------------------------------------------------------------
 
@@ -183,8 +198,60 @@ class Index:
         )
         return cls(data, net, chosen, features, run if data.run else None, batch_size or backbone_cfg.batch_size)
 
+    @classmethod
+    def from_stage(cls, cfg: Config, stage: Stage, scorer: Union[Scorer, Mapping[str, Scorer]],
+                   rows: Optional[np.ndarray] = None) -> "Index":
+        """The gallery a composed config describes: the stage's rows (all, or `rows`), post-processed as
+        `cfg.features` fitted on them, ranked by `scorer` (one, or several by name). What `search`, the search
+        page and evaluation's figure rank against; images come from the stage's dataset."""
+        fs = stage.features
+        rows = np.arange(len(fs)) if rows is None else np.asarray(rows, np.int64)
+        raw = np.asarray(fs.features[rows], np.float32)
+        labels = fs.labels
+        dataset_rows = fs.keep[rows]
+        data = Stored(
+            features=raw,
+            ids=np.arange(len(rows), dtype=np.int64),
+            paths=[Path(fs.ids[r]).as_posix() for r in rows],
+            labels=None if labels is None else np.asarray(labels[rows], np.int32),
+            class_names=list(fs.dataset.class_names),
+            root=str(Path(os.path.expanduser(cfg.data.root)).resolve()) if cfg.data.name == "folder" else "",
+            backbone=stage.backbone.name,
+            backbone_fingerprint=stage.backbone.fingerprint,
+            backbone_config=_plain(cfg.backbone),
+            features_config=_plain(cfg.features),
+            post=postprocess.fit(cfg.features, raw),
+            scorer=next(iter(scorer)) if isinstance(scorer, Mapping) else scorer.name,
+            run="",
+            run_select="",
+            skipped=list(fs.skipped),
+        )
+        return cls(data, stage.backbone, scorer, cfg.features, batch_size=cfg.backbone.batch_size,
+                   chunk=cfg.eval.gallery_chunk, load=lambda row: fs.dataset.load(int(dataset_rows[row])),
+                   name=fs.dataset.name)
+
+    def with_scorers(self, named: Mapping[str, Scorer]) -> "Index":
+        """The same gallery ranked by these scorers too (after its own); their states are prepared lazily."""
+        self.scorers.update({n: s for n, s in named.items() if n not in self.scorers})
+        return self
+
+    def subset(self, rows: np.ndarray) -> "Index":
+        """A new index of these rows (ids renumbered 0..M-1 in that order), with the same fitted
+        post-processing, scorers and image source."""
+        rows = np.asarray(rows, np.int64)
+        d = self._data
+        data = dataclasses.replace(
+            d, features=d.features[rows], ids=np.arange(len(rows), dtype=np.int64), paths=[d.paths[r] for r in rows],
+            labels=None if d.labels is None else d.labels[rows], class_names=list(d.class_names),
+        )
+        load = None if self._load is None else (lambda row, base=self._load: base(int(rows[row])))
+        return type(self)(data, self.backbone, self.scorers, self.features_config, self.run, self.batch_size,
+                          self.chunk, load, self.name)
+
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Writes the index to one file (format: `cbir_jax/api/store.py`); returns its path."""
+        if not self._data.root:
+            raise UserError("only an index of a folder can be saved (its images are files under one root)")
         return store.save(self._data, path)
 
     @classmethod
@@ -280,7 +347,7 @@ class Index:
         self._forget()
 
     def _forget(self) -> None:
-        self._gallery, self._state = None, None
+        self._gallery, self._states = None, {}
 
     # ---- searching ----------------------------------------------------------------------------------------
 
@@ -299,22 +366,37 @@ class Index:
             self._gallery = postprocess.apply(self._data.post, self._data.features)
         return self._gallery
 
-    def search(self, queries: Query, k: int = 10) -> tuple[np.ndarray, np.ndarray, list]:
+    def search(self, queries: Query, k: int = 10, *, scorer: Optional[str] = None) -> tuple[np.ndarray, np.ndarray, list]:
         """The k best gallery items per query: (scores, ids, paths), best first.
 
         Scores are similarities (higher is better; `euclid` gives minus the distance). One query (a path,
         PIL image or HxWx3 array) gives (k,), (k,) and a list of k paths; a batch (a list, or a BxHxWx3 array)
-        gives (B, k), (B, k) and B lists. k is capped at the gallery size.
+        gives (B, k), (B, k) and B lists. k is capped at the gallery size. `scorer`: one of `scorers` by name
+        (default: the index's own).
         """
         images, single = as_images(queries)
         q = self._embed(images)  # decoded once: `embed(images)` would convert each array again
-        if self._state is None:
-            self._state = self.scorer.prepare(jax.device_put(self.gallery()))
-        k = max(1, min(int(k), len(self)))
-        s, i = ranking.top_k(self.scorer, self._state, jnp.asarray(q), k=k, chunk=self.chunk)
-        scores, ids = np.asarray(s), np.asarray(i).astype(np.int64)
+        scores, ids = self.rank(q, k, scorer=scorer)
         paths = [[self.path(j) if j >= 0 else None for j in row] for row in ids.tolist()]
         return (scores[0], ids[0], paths[0]) if single else (scores, ids, paths)
+
+    def rank(self, queries: np.ndarray, k: int = 10, *, scorer: Optional[str] = None,
+             exclude: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of post-processed query features (B, D'): (scores, ids), both (B, k), ids -1 past the
+        gallery's end. `exclude` (B,): a gallery id per query left out of its ranking (a query that is itself
+        a gallery row), -1 for none; re-rankers then also treat that row as absent (leave-one-out)."""
+        chosen = self.scorers[scorer] if scorer is not None else self.scorer
+        k = max(1, min(int(k), len(self)))
+        self_index = None if exclude is None else jnp.asarray(exclude, jnp.int32)
+        s, i = ranking.top_k(chosen, self.prepared(chosen.name), jnp.asarray(queries, jnp.float32), k=k,
+                             chunk=self.chunk, self_index=self_index, exclude_self=exclude is not None)
+        return np.asarray(s), np.asarray(i).astype(np.int64)
+
+    def prepared(self, name: str) -> Any:
+        """The named scorer's state over the gallery, prepared once (until `add` or `refit`)."""
+        if name not in self._states:
+            self._states[name] = self.scorers[name].prepare(jax.device_put(self.gallery()))
+        return self._states[name]
 
     # ---- what it holds ------------------------------------------------------------------------------------
 
@@ -366,7 +448,9 @@ class Index:
         return str(Path(self._data.root) / self._data.paths[int(id_)])
 
     def image(self, id_: int) -> np.ndarray:
-        """The image of one id, read from its file (uint8 HxWx3)."""
+        """The image of one id (uint8 HxWx3), read from its file (or the dataset it was built from)."""
+        if self._load is not None:
+            return self._load(int(id_))
         return load_image_file(self.path(id_))
 
     # ---- faiss ----------------------------------------------------------------------------------------------
@@ -379,3 +463,37 @@ class Index:
     def save_faiss(self, path: Union[str, os.PathLike]) -> tuple[Path, Path]:
         """Writes `to_faiss()` to `path` (faiss.write_index) and its ids and paths beside it (`path.json`)."""
         return faiss_export.save_faiss(self, path)
+
+
+def from_command_line(
+    cfg_dict: DictConfig, overridden: frozenset[str] = frozenset(), *, also: Sequence[str] = (), head: bool = True,
+) -> tuple[Config, Index]:
+    """The gallery a command line names, as an `Index` (what `search` and `serve` rank against).
+
+    `index=FILE`: the saved index and its own scorer. Otherwise every image of `data` (features cached by
+    the stages), ranked by `checkpoint=RUN`'s trained scorer or, without one, by the fixed `head=` (with
+    `head=False`, only when `head=` was given). Then the fixed metrics and re-rankers named in `also`, on
+    the same gallery. Returns the config the gallery was built with (a run's own, today's keys on top).
+    """
+    now = to_typed(cfg_dict)
+    named = {str(name): baseline_scorer(name) for name in also}  # a wrong name fails before any feature loads
+    if now.index:
+        refuse_overrides(now.index, overridden)
+        return now, Index.load(now.index).with_scorers(named)
+    cfg, primary = now, {}
+    if now.checkpoint:
+        run = Path(now.checkpoint)
+        cfg, info = load_trained(run, cfg_dict, overridden)
+        cfg = dataclasses.replace(cfg, serve=now.serve)  # the page's settings are today's, never the run's
+        stage = load_stage(cfg, split_by="none")
+        primary = {cfg.head.name: trained_scorer(cfg, run, info, stage)}
+    else:
+        wanted = head or "head" in overridden
+        if wanted and heads.is_learned(cfg.head.name):
+            raise CheckpointError(f"head={cfg.head.name} is learned: pass checkpoint=RUN_DIR (or a fixed head, e.g. head=cosine)")
+        if wanted:
+            primary = {cfg.head.name: scorers.fixed_scorer(cfg.head.name)}
+        if not primary and not named:
+            raise DataError("no checkpoint, no head= and no other scorer: nothing to rank with")
+        stage = load_stage(cfg, split_by="none")
+    return cfg, Index.from_stage(cfg, stage, {**primary, **{n: s for n, s in named.items() if n not in primary}})

@@ -95,36 +95,9 @@ def label_quality(targets: np.ndarray, same_class: np.ndarray | None, cosine: np
 # --- One run's diagnostics: labels, fit, ranking and hubness on real rows ------------------------------------
 
 
-def score_matrix(scorer, x: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """(N, N) scores of every row against every other, the diagonal (self) set to -inf."""
-    import jax.numpy as jnp
-
-    from cbir_jax.scoring import ranking
-
-    state = scorer.prepare(jnp.asarray(x))
-    out = np.empty((len(x), len(x)), np.float32)
-    for start in range(0, len(x), chunk):
-        q = np.zeros((chunk, x.shape[1]), np.float32)
-        stop = min(start + chunk, len(x))
-        q[: stop - start] = x[start:stop]
-        si = np.full(chunk, -1, np.int32)
-        si[: stop - start] = np.arange(start, stop)
-        s = np.asarray(ranking.score_all(scorer, state, jnp.asarray(q), jnp.asarray(si)))
-        out[start:stop] = s[: stop - start]
-    np.fill_diagonal(out, -np.inf)
-    return out
-
-
-def ranking_diagnostics(scores: np.ndarray, labels: np.ndarray, k: int = 10) -> dict[str, float]:
-    """Leave-one-out MAP@R and P@1 from a score matrix (self at -inf), and the hubness of its top-k lists."""
-    from cbir_jax.evaluation.metrics import MetricAccumulator
-
-    n = len(scores)
-    acc = MetricAccumulator()
-    acc.add(scores, labels[:, None] == labels[None, :], np.arange(n))
-    metrics = acc.result()
-    top = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, n - 1)]
-    hub = hubness(top, n)
+def ranking_diagnostics(metrics: dict[str, float], top_ids: np.ndarray, n: int, k: int = 10) -> dict[str, float]:
+    """Leave-one-out MAP@R and P@1 (`retrieval.leave_one_out`) beside the hubness of the top-k lists."""
+    hub = hubness(np.asarray(top_ids)[:, :k], n)
     return {
         "map_at_r": metrics["map_at_r"],
         "precision_at_1": metrics["precision_at_1"],

@@ -24,14 +24,17 @@ def evaluate_scorer(
     query_chunk: int = 256,
     gallery_chunk: int = 8192,
     per_query: dict[str, np.ndarray] | None = None,
+    keep_top: int = 0,
 ) -> dict[str, float]:
     """Full-ranking metrics of one scorer; relevance = same label; the self-match is excluded.
 
     `per_query`, if given, receives each metric per query (NaN where R = 0): what paired comparisons of
-    two scorers on the same queries need (cbir_jax/evaluation/significance.py).
+    two scorers on the same queries need (cbir_jax/evaluation/significance.py); with `keep_top` > 0 also
+    `top_ids`, each query's best `keep_top` gallery rows (self excluded), from the same scores.
     """
     state = scorer.prepare(jnp.asarray(gallery))
     acc = MetricAccumulator()
+    top: list[np.ndarray] = []
     n = len(queries)
     for start in tqdm(range(0, n, query_chunk), desc=f"eval {scorer.name}", unit="chunk", leave=False, mininterval=2.0):
         stop = min(start + query_chunk, n)
@@ -42,9 +45,31 @@ def evaluate_scorer(
         scores = np.asarray(ranking.score_all(scorer, state, jnp.asarray(q), jnp.asarray(si), chunk=gallery_chunk))
         relevant = query_labels[start:stop, None] == gallery_labels[None, :]
         acc.add(scores[: stop - start], relevant, self_index[start:stop])
+        if keep_top:
+            top.append(_top_ids(scores[: stop - start], self_index[start:stop], keep_top))
     if per_query is not None:
         per_query.update(acc.per_query())
+        if keep_top:
+            per_query["top_ids"] = np.concatenate(top)
     return acc.result()
+
+
+def leave_one_out(
+    scorer: Scorer, x: np.ndarray, labels: np.ndarray, *, query_chunk: int = 256, gallery_chunk: int = 8192,
+    per_query: dict[str, np.ndarray] | None = None, keep_top: int = 0,
+) -> dict[str, float]:
+    """Every row a query against all the others (its own entry removed): the one definition of validation
+    metrics, used by model selection, the tuned baselines, the learned re-ranker and the diagnostics."""
+    n = len(x)
+    return evaluate_scorer(scorer, x, x, labels, labels, np.arange(n), query_chunk=max(1, min(query_chunk, n)),
+                           gallery_chunk=gallery_chunk, per_query=per_query, keep_top=keep_top)
+
+
+def _top_ids(scores: np.ndarray, self_index: np.ndarray, k: int) -> np.ndarray:
+    s = np.array(scores, np.float32)
+    rows = np.nonzero(self_index >= 0)[0]
+    s[rows, self_index[rows]] = -np.inf
+    return np.argsort(-s, axis=1, kind="stable")[:, :k]
 
 
 def check_evaluable(query_labels: np.ndarray, gallery_labels: np.ndarray, self_index: np.ndarray, name: str) -> None:

@@ -10,27 +10,42 @@ import json
 import logging
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax.core.config import Config
 from cbir_jax.core.files import atomic_write_text
 from cbir_jax.data import DataError
-from cbir_jax.evaluation import figures, tuning
-from cbir_jax.evaluation.retrieval import check_evaluable, evaluate_scorer, format_table
+from cbir_jax.evaluation import tuning
+from cbir_jax.evaluation.retrieval import check_evaluable, evaluate_scorer, format_table, leave_one_out
 from cbir_jax.features import postprocess
 from cbir_jax.features.stage import Stage, as_gallery
-from cbir_jax.scoring import ranking
 from cbir_jax.scoring.baselines import baseline_scorer
 from cbir_jax.scoring.scorers import Scorer
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_stage(
-    cfg: Config, stage: Stage, learned: dict[str, Scorer], out_dir: Path
-) -> dict[str, dict[str, float]]:
-    """Evaluates learned scorers and the configured baselines on the stage's queries and gallery."""
+def compared_scorers(cfg: Config, stage: Stage, learned: dict[str, Scorer]) -> dict[str, Scorer]:
+    """The learned scorers, then `eval.baselines`, then `eval.tuned_baselines` tuned on the validation rows:
+    every row of one table."""
+    all_scorers = dict(learned)
+    for name in cfg.eval.baselines:
+        if name not in all_scorers:
+            all_scorers[name] = baseline_scorer(name)
+    if cfg.eval.tuned_baselines:
+        if len(stage.split.val) == 0:
+            raise DataError("eval.tuned_baselines needs validation rows: set data.split.val_fraction > 0")
+        rows = stage.split.val
+        val = as_gallery(cfg, stage.features.features[rows])
+        for name in cfg.eval.tuned_baselines:
+            scorer = tuning.tuned_scorer(name, val, stage.features.labels[rows], cfg.cache_dir)
+            all_scorers[scorer.name] = scorer
+    return all_scorers
+
+
+def evaluate_stage(cfg: Config, stage: Stage, all_scorers: dict[str, Scorer], out_dir: Path) -> dict[str, dict[str, float]]:
+    """Evaluates every scorer on the stage's queries and gallery; prints one table and writes metrics.json,
+    metrics.md and per_query.npz into `out_dir`."""
     fs, split = stage.features, stage.split
     labels = fs.labels
     if labels is None:
@@ -38,17 +53,6 @@ def evaluate_stage(
     check_evaluable(labels[split.query], labels[split.gallery], split.self_index, fs.dataset.name)
     post = postprocess.fit(cfg.features, fs.features[split.gallery])
     gallery, queries = postprocess.apply(post, fs.features[split.gallery]), postprocess.apply(post, fs.features[split.query])
-    all_scorers = dict(learned)
-    for name in cfg.eval.baselines:
-        if name not in all_scorers:
-            all_scorers[name] = baseline_scorer(name)
-    if cfg.eval.tuned_baselines:
-        if len(split.val) == 0:
-            raise DataError("eval.tuned_baselines needs validation rows: set data.split.val_fraction > 0")
-        val = as_gallery(cfg, fs.features[split.val])
-        for name in cfg.eval.tuned_baselines:
-            scorer = tuning.tuned_scorer(name, val, labels[split.val], cfg.cache_dir)
-            all_scorers[scorer.name] = scorer
     results: dict[str, dict[str, float]] = {}
     per_query: dict[str, np.ndarray] = {}
     for name, scorer in all_scorers.items():
@@ -65,34 +69,15 @@ def evaluate_stage(
     atomic_write_text(out_dir / "metrics.md", table + "\n")
     # Per-query MAP@R of every scorer, same query order: paired comparisons (cbir_jax.evaluation.significance).
     np.savez(out_dir / "per_query.npz", **{name: v for name, v in per_query.items()})
-    if cfg.eval.figure:
-        _figure(cfg, stage, all_scorers, queries, gallery, labels, out_dir / "topk.png")
     return results
 
 
 def validation_metrics(cfg: Config, stage: Stage, scorer: Scorer) -> dict[str, float]:
     """The scorer's leave-one-out metrics on the split's validation rows, post-processed as a gallery of their
     own (as training's model selection sees them)."""
-    fs, rows = stage.features, stage.split.val
-    x = as_gallery(cfg, fs.features[rows])
-    y = fs.labels[rows]
-    return evaluate_scorer(scorer, x, x, y, y, np.arange(len(rows)), query_chunk=min(cfg.eval.query_chunk, len(rows)),
-                           gallery_chunk=cfg.eval.gallery_chunk)
-
-
-def _figure(cfg, stage, all_scorers, queries, gallery, labels, path: Path) -> None:
-    """Top-k of the first query under each scorer, side by side (the seed's figure, for every scorer)."""
-    fs, split = stage.features, stage.split
-    rows = {}
-    for name, scorer in all_scorers.items():
-        state = scorer.prepare(jnp.asarray(gallery))
-        self_index = jnp.asarray(split.self_index[:1], jnp.int32)
-        s, idx = ranking.top_k(scorer, state, jnp.asarray(queries[:1]), k=cfg.eval.k, self_index=self_index, exclude_self=True)
-        rows[name] = [
-            (fs.image(split.gallery[i]), float(v), bool(labels[split.gallery[i]] == labels[split.query[0]]))
-            for v, i in zip(np.asarray(s)[0], np.asarray(idx)[0]) if i >= 0
-        ]
-    figures.topk_grid(fs.image(split.query[0]), rows, path, title=fs.ids[split.query[0]])
+    rows = stage.split.val
+    return leave_one_out(scorer, as_gallery(cfg, stage.features.features[rows]), stage.features.labels[rows],
+                         query_chunk=cfg.eval.query_chunk, gallery_chunk=cfg.eval.gallery_chunk)
 
 
 def verdict(results: dict[str, dict[str, float]], learned: str, metric: str = "map_at_r") -> str:

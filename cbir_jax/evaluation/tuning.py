@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir_jax.scoring import rerank
-from cbir_jax.evaluation.retrieval import evaluate_scorer
+from cbir_jax.evaluation.retrieval import leave_one_out
 from cbir_jax.core.registry import UnknownComponentError
 from cbir_jax.scoring.scorers import Scorer
 
@@ -42,7 +42,7 @@ def _grid_search(name: str, x: np.ndarray, y: np.ndarray) -> tuple[dict, float]:
         if params.get("k", 0) >= len(x) - 2:
             continue
         scorer = rerank.build_reranker(name, **params)
-        m = evaluate_scorer(scorer, x, x, y, y, np.arange(len(x)), gallery_chunk=len(x))["map_at_r"]
+        m = leave_one_out(scorer, x, y, gallery_chunk=len(x))["map_at_r"]
         if m > best[1]:
             best = (params, m)
     return best

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax.evaluation import diagnostics
+from cbir_jax.evaluation.retrieval import leave_one_out
 from cbir_jax.scoring import heads, scorers
 from cbir_jax.scoring.compose import head_scorer
 from cbir_jax.labels import pair_labels
@@ -97,12 +98,11 @@ def run_diagnostics(cfg: Config, stage: Stage, learned: dict[str, tuple[Any, Any
         }
         scorer = head_scorer(cfg.head, head, params) if name in learned else scorers.fixed_scorer(name)
         if labels is not None:
-            s_train = diagnostics.score_matrix(scorer, x_train)
-            s_held = diagnostics.score_matrix(scorer, x_held)
-            block["train_rows"] = diagnostics.ranking_diagnostics(s_train, y_train)
-            block["held_out_rows"] = diagnostics.ranking_diagnostics(s_held, y_held)
-            top = np.argsort(-s_held, axis=1, kind="stable")[:, :10]
-            figure_data["n10"][name] = diagnostics.k_occurrence(top, len(held_rows))
+            for key, x, y in (("train_rows", x_train, y_train), ("held_out_rows", x_held, y_held)):
+                values: dict[str, np.ndarray] = {}
+                metrics = leave_one_out(scorer, x, y, per_query=values, keep_top=10)
+                block[key] = diagnostics.ranking_diagnostics(metrics, values["top_ids"], len(x))
+            figure_data["n10"][name] = diagnostics.k_occurrence(values["top_ids"], len(held_rows))
         result["scorers"][name] = block
         figure_data["outputs"][name] = out
     out_dir.mkdir(parents=True, exist_ok=True)

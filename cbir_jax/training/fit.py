@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from cbir_jax.core.config import Config
@@ -17,8 +18,7 @@ from cbir_jax.labels import pair_labels
 from cbir_jax.scoring import heads, learned_rerank
 from cbir_jax.scoring.compose import head_scorer
 from cbir_jax.scoring.scorers import Scorer
-from cbir_jax.training import checkpointing, rerank_training, selection
-from cbir_jax.training.trainer import train_head
+from cbir_jax.training import checkpointing, losses, rerank_training, selection, trainer
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,11 @@ def _train_pair_head(cfg: Config, stage: Stage, train_x: np.ndarray, out_dir: Pa
         context = pair_labels.PairContext(
             features=train_x, thumbnails=fs.thumbnails[split.train], class_labels=train_labels, cfg=cfg.labels
         )
-        keeper = selection.make_keeper(cfg, stage, head, out_dir)
-        params = train_head(cfg, head, train_x, context, out_dir, keeper)
+        keeper = selection.make_keeper(cfg, stage, lambda p: head_scorer(cfg.head, head, p), out_dir)
+        init = heads.init_params(head, train_x.shape[1], jax.random.key(cfg.seed))
+        params = trainer.train(cfg, init, trainer.PairBatches.build(cfg, train_x, context),
+                               trainer.pair_head_step(head, losses.get_loss(cfg.loss)), out_dir, keeper,
+                               title=f"head={cfg.head.name} labels={cfg.labels.name} loss={cfg.loss.name}")
         if keeper is not None:
             print(selection.describe(keeper.selection, heads.base_metric(cfg.head)), flush=True)
         params = selection.selected_params(cfg.eval.select, out_dir, params, keeper)

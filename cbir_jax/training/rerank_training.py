@@ -11,14 +11,15 @@ What "relevant" means is the training mode (`head.reranker.targets`):
 - `self_supervised`: no labels; the `pseudo_positives` nearest rows under DBA + α-QE run on the rows
   themselves (leave-one-out), i.e. pseudo-labels from the neighbourhood structure.
 
-Model selection: MAP@R on the validation rows (`data.split.val_fraction`, carved from the training
-categories), every `val_every` epochs, each validation image a leave-one-out query against the others;
-the best parameters are the ones checkpointed and evaluated.
+It trains in the one training loop (`trainer.train`): resume, patience, the divergence guard and model
+selection are the pair heads'. Selection: MAP@R on the validation rows (`data.split.val_fraction`, carved
+from the training categories), every `val_every` epochs, each validation image a leave-one-out query
+against the others (`retrieval.leave_one_out`); the best parameters are the ones kept and evaluated.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -28,17 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from cbir_jax.training import checkpointing, curves
-from cbir_jax.scoring import learned_rerank
-from cbir_jax.labels import pair_labels
-from cbir_jax.data import DataError
-from cbir_jax.core.errors import DivergedError
-from cbir_jax.evaluation.metrics import MetricAccumulator
+from cbir_jax.core.errors import ConfigError
 from cbir_jax.core.registry import Registry
-from cbir_jax.training import optim
-from cbir_jax.training.metrics_log import MetricsLog
+from cbir_jax.data import DataError
+from cbir_jax.labels import pair_labels
+from cbir_jax.scoring import learned_rerank
+from cbir_jax.training import checkpointing, selection, trainer
 
 log = logging.getLogger(__name__)
 
@@ -88,87 +85,70 @@ def make_step(model, spec, tx: optax.GradientTransformation, temperature: float)
     return step
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec"))
-def _loo_scores(model, spec, params, x):
-    rows = learned_rerank.prepare_gallery(model, params, spec, x, loo=True)
-    return learned_rerank.score_queries(model, params, spec, rows, x, jnp.arange(x.shape[0], dtype=jnp.int32))
+@dataclasses.dataclass
+class EpisodeBatches:
+    """The re-ranker's batch source (`trainer.BatchSource`): each step shuffles the training rows into
+    `queries_per_step` queries and a gallery of the rest, with their relevance."""
 
+    features: jax.Array
+    relevance: np.ndarray  # (N, N) bool
+    n_query: int
+    seed: int
+    steps_per_epoch: int
 
-def validation_map_at_r(model, spec, params, x: np.ndarray, y: np.ndarray) -> float:
-    """MAP@R with every row a leave-one-out query against the others (exact, as evaluation does)."""
-    acc = MetricAccumulator()
-    acc.add(np.asarray(_loo_scores(model, spec, params, jnp.asarray(x))), y[:, None] == y[None, :], np.arange(len(y)))
-    return acc.result()["map_at_r"]
+    @classmethod
+    def build(cls, cfg, train_x: np.ndarray, train_labels: Callable[[], np.ndarray | None]) -> "EpisodeBatches":
+        rcfg = cfg.head.reranker
+        n = len(train_x)
+        n_query = min(rcfg.queries_per_step, n // 2)
+        if n - n_query <= rcfg.k + 1:
+            raise DataError(f"head.reranker.k={rcfg.k}: the training episodes hold only {n - n_query} gallery rows; lower k")
+        relevance = TARGETS.get(rcfg.targets)(train_x, train_labels, rcfg)
+        return cls(jnp.asarray(train_x), relevance, n_query, cfg.seed, max(1, -(-n // n_query)))
+
+    def epoch(self, epoch: int) -> Callable[[int], tuple]:
+        rng = np.random.default_rng([self.seed, epoch + 1])  # seeded by the epoch counted from 1
+        perms = [rng.permutation(len(self.relevance)) for _ in range(self.steps_per_epoch)]
+
+        def batch(b: int) -> tuple:
+            qi, gi = perms[b][: self.n_query], perms[b][self.n_query:]
+            return self.features[qi], self.features[gi], jnp.asarray(self.relevance[np.ix_(qi, gi)])
+
+        return batch
 
 
 def train_reranker(
     cfg, train_x: np.ndarray, train_labels: Callable[[], np.ndarray | None],
     val_x: np.ndarray, val_y: np.ndarray | None, run_dir: Path,
 ) -> tuple[Any, dict[str, Any]]:
-    """Trains on episodes of the training rows; returns the best-on-validation parameters and a summary."""
-    rcfg = cfg.head.reranker
-    spec = rcfg
+    """Trains on episodes of the training rows in the one training loop (`trainer.train`); returns the
+    `eval.select` parameters (best on validation, where there are enough validation rows) and a summary."""
+    spec = cfg.head.reranker
     model = learned_rerank.build_model(spec)
     params = learned_rerank.init_params(model, spec, jax.random.key(cfg.seed))
-    n = len(train_x)
-    n_query = min(rcfg.queries_per_step, n // 2)
-    if n - n_query <= spec.k + 1:
-        raise DataError(
-            f"head.reranker.k={spec.k}: the training episodes hold only {n - n_query} gallery rows; lower k"
-        )
-    relevance = TARGETS.get(rcfg.targets)(train_x, train_labels, rcfg)
-    steps_per_epoch = max(1, -(-n // n_query))
-    total = steps_per_epoch * cfg.train.epochs
-    tx = optim.make_optimizer(cfg.train, total)
-    opt_state = tx.init(params)
-    step_fn = make_step(model, spec, tx, rcfg.temperature)
-    has_val = val_y is not None and len(val_y) > spec.k + 2
+    source = EpisodeBatches.build(cfg, train_x, train_labels)
 
-    def validate(p) -> float | None:
-        return validation_map_at_r(model, spec, p, val_x, val_y) if has_val else None
+    def make_scorer(p):
+        return learned_rerank.learned_scorer(model, p, spec, cfg.head.name)
 
-    best = {"val_map_at_r": validate(params), "epoch": 0, "params": params}
-    log.info("re-ranker: %d training rows, %d steps; validation MAP@R untrained (DBA's weights on both sides): %s",
-             n, total, best["val_map_at_r"])
-    feats = jnp.asarray(train_x)
+    keeper = None
+    if val_y is not None and len(val_y) > spec.k + 2:  # every validation row needs k neighbours besides itself
+        keeper = selection.BestKeeper(run_dir, selection.Validator(val_x, val_y), make_scorer)
+    elif cfg.train.patience is not None:
+        raise ConfigError(f"train.patience needs more than head.reranker.k + 2 = {spec.k + 2} validation rows")
+    log.info("re-ranker: %d training rows, %d steps of %d queries", len(train_x), source.steps_per_epoch * cfg.train.epochs,
+             source.n_query)
     started = time.time()
-    lr = optim.learning_rate_schedule(cfg.train, total)
-    with MetricsLog(run_dir, keep_up_to=-1) as metrics:  # it never resumes: nothing earlier is kept
-        metrics.write({"step": 0, "epoch": 0, "val_map_at_r": best["val_map_at_r"]})
-        progress = tqdm(total=total, desc="train re-ranker", unit="step", mininterval=2.0)
-        step, losses = 0, []
-        for epoch in range(1, cfg.train.epochs + 1):
-            rng = np.random.default_rng([cfg.seed, epoch])
-            for _ in range(steps_per_epoch):
-                perm = rng.permutation(n)
-                qi, gi = perm[:n_query], perm[n_query:]
-                params, opt_state, loss = step_fn(params, opt_state, feats[qi], feats[gi], jnp.asarray(relevance[np.ix_(qi, gi)]))
-                losses.append(float(loss))
-                step += 1
-                progress.update(1)
-                if not np.isfinite(losses[-1]):
-                    raise DivergedError(f"re-ranker training diverged: loss {losses[-1]} at step {step} (lower train.learning_rate)")
-            record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": float(np.mean(losses)),
-                                      "learning_rate": optim.learning_rate_at(lr, step)}
-            losses = []
-            if has_val and (epoch % rcfg.val_every == 0 or epoch == cfg.train.epochs):
-                record["val_map_at_r"] = validate(params)
-                if record["val_map_at_r"] > best["val_map_at_r"]:
-                    best = {"val_map_at_r": record["val_map_at_r"], "epoch": epoch, "params": params}
-                progress.set_postfix(val=f"{record['val_map_at_r']:.4f}")
-            metrics.write(record)
-        progress.close()
-    curves.write_curves(run_dir, title=f"head={cfg.head.name} (targets={rcfg.targets})")
-    if not has_val:
-        best = {"val_map_at_r": None, "epoch": cfg.train.epochs, "params": params}
-    mngr = checkpointing.manager(run_dir, max_to_keep=1)
-    checkpointing.save(mngr, step, best["params"], {"step": jnp.asarray(step)})
-    mngr.wait_until_finished()
-    mngr.close()
-    summary = {"best_epoch": best["epoch"], "best_val_map_at_r": best["val_map_at_r"],
-               "train_seconds": round(time.time() - started, 1), "steps": step}
-    log.info("re-ranker: best validation MAP@R %s at epoch %d (%.0f s)", best["val_map_at_r"], best["epoch"], summary["train_seconds"])
-    return best["params"], summary
+    last = trainer.train(cfg, params, source, lambda tx: make_step(model, spec, tx, spec.temperature), run_dir, keeper,
+                         validate_every=spec.val_every, title=f"head={cfg.head.name} (targets={spec.targets})")
+    chosen = selection.selected_params(cfg.eval.select, run_dir, last, keeper)
+    sel = keeper.selection if keeper is not None else None
+    summary = {"best_epoch": sel.best_epoch if sel else cfg.train.epochs,
+               "best_val_map_at_r": sel.best_value if sel else None,
+               "train_seconds": round(time.time() - started, 1), "steps": source.steps_per_epoch * cfg.train.epochs}
+    log.info("re-ranker: best validation MAP@R %s at epoch %s (%.0f s)", summary["best_val_map_at_r"], summary["best_epoch"],
+             summary["train_seconds"])
+    return chosen, summary
 
 
 def restore_scorer(cfg, run_dir: Path, info: dict[str, Any], name: str = "learned_rerank"):
@@ -178,4 +158,5 @@ def restore_scorer(cfg, run_dir: Path, info: dict[str, Any], name: str = "learne
     spec = type(cfg.head.reranker)(**saved) if saved else cfg.head.reranker
     model = learned_rerank.build_model(spec)
     like = learned_rerank.init_params(model, spec, jax.random.key(0))
-    return learned_rerank.learned_scorer(model, checkpointing.restore_params(run_dir, like), spec, name)
+    which = checkpointing.resolve(run_dir, cfg.eval.select)  # runs before the one loop kept only their best, as last
+    return learned_rerank.learned_scorer(model, checkpointing.restore_params(run_dir, like, which), spec, name)

@@ -17,10 +17,10 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from cbir_jax.core.errors import ConfigError
 from cbir_jax.features.stage import as_gallery
 from cbir_jax.training import checkpointing
-from cbir_jax.evaluation.retrieval import evaluate_scorer
-from cbir_jax.scoring.compose import head_scorer
+from cbir_jax.evaluation.retrieval import leave_one_out
 from cbir_jax.scoring.scorers import Scorer
 
 BEST_DIR = "best"
@@ -35,10 +35,7 @@ class Validator:
     labels: np.ndarray
 
     def __call__(self, scorer: Scorer) -> dict[str, float]:
-        n = len(self.features)
-        return evaluate_scorer(
-            scorer, self.features, self.features, self.labels, self.labels, np.arange(n), query_chunk=min(256, n)
-        )
+        return leave_one_out(scorer, self.features, self.labels)
 
 
 def improved(value: float, best: Optional[float], min_delta: float = 0.0) -> bool:
@@ -129,16 +126,16 @@ def describe(sel: Selection, base: Optional[str] = None) -> str:
     return line
 
 
-def make_keeper(cfg, stage, head, out_dir: Path) -> Optional[BestKeeper]:
+def make_keeper(cfg, stage, make_scorer: Callable[[Any], Scorer], out_dir: Path, min_rows: int = 1) -> Optional[BestKeeper]:
     """A BestKeeper over the split's validation rows (post-processed as a gallery of their own, as evaluation
-    does), or None where the split has none."""
+    does), scoring parameters with `make_scorer`; None where the split has fewer than `min_rows`."""
     fs, rows = stage.features, stage.split.val
-    if not len(rows):
+    if len(rows) < max(min_rows, 1):
         if cfg.train.patience is not None:
-            raise ValueError("train.patience needs validation rows: set data.split.val_fraction > 0")
+            raise ConfigError("train.patience needs validation rows: set data.split.val_fraction > 0")
         return None
     validator = Validator(as_gallery(cfg, fs.features[rows]), fs.labels[rows])
-    return BestKeeper(out_dir, validator, lambda p: head_scorer(cfg.head, head, p))
+    return BestKeeper(out_dir, validator, make_scorer)
 
 
 def selected_params(select: str, run: Path, last_params: Any, keeper: Optional[BestKeeper] = None) -> Any:

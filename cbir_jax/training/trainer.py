@@ -1,18 +1,23 @@
-"""The training loop: sampled pairs, heuristic targets, one jitted Optax step, Orbax checkpoints.
+"""The one training loop: a batch source per kind of scorer, one jitted Optax step, Orbax checkpoints.
 
-Reproducible and resumable: epoch e's pairs come from a generator seeded with (seed, e), so a resumed
-run sees exactly the batches the uninterrupted run would have seen. With a `selection.BestKeeper`, the
-head is validated before the first step and after every epoch (records with `val_*` keys in
-metrics.jsonl; `epoch` there counts the epochs done), the best parameters are kept, and training stops
-early after `train.patience` validations without a new best. Every record goes through
-`metrics_log.MetricsLog` (metrics.jsonl and TensorBoard alike); `curves.png` is drawn from the log at the end.
+Every learned scorer trains here: the pair heads on sampled pairs with heuristic targets (`PairBatches`)
+and the learned re-ranker on episodes (`rerank_training.EpisodeBatches`). So both get the same:
+
+- resume, bit-identical: a source's epoch e is a pure function of (seed, e), so a resumed run sees exactly
+  the batches the uninterrupted run would have seen, from the restored step on;
+- best-on-validation selection through one `selection.BestKeeper` (validated before the first step and
+  every `validate_every` epochs; records with `val_*` keys in metrics.jsonl, their `epoch` counting the
+  epochs done), with early stopping after `train.patience` validations without a new best;
+- the divergence guard (`guards`), Ctrl-C handling, and `metrics_log.MetricsLog` (metrics.jsonl and
+  TensorBoard alike); `curves.png` is drawn from the log at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
@@ -21,43 +26,85 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cbir_jax.training import checkpointing, curves, guards, losses, optim, pairs, selection
-from cbir_jax.training.metrics_log import MetricsLog
-from cbir_jax.scoring import heads
-from cbir_jax.labels import pair_labels
 from cbir_jax.core.errors import CheckpointError, DivergedError, Interrupted
+from cbir_jax.labels import pair_labels
+from cbir_jax.training import checkpointing, curves, guards, optim, pairs, selection
+from cbir_jax.training.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 
-def make_train_step(head: nn.Module, tx: optax.GradientTransformation, loss_fn) -> Callable:
-    @jax.jit
-    def step(params, opt_state, features, i, j, targets):
-        def objective(p):
-            return loss_fn(head.apply({"params": p}, features[i], features[j]), targets)
-
-        loss, grads = jax.value_and_grad(objective)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+StepFn = Callable[..., tuple[Any, Any, jax.Array]]  # (params, opt_state, *batch) -> (params, opt_state, loss)
 
 
-def train_head(
+class BatchSource(Protocol):
+    """What one kind of scorer trains on: `epoch(e)` gives that epoch's step -> batch arguments, a pure
+    function of (seed, e) so that resume is exact."""
+
+    steps_per_epoch: int
+
+    def epoch(self, epoch: int) -> Callable[[int], tuple]: ...
+
+
+@dataclasses.dataclass
+class PairBatches:
+    """Pairs of training rows (half random, half feature-space neighbours) with heuristic targets."""
+
+    cfg: Any
+    context: pair_labels.PairContext
+    features: jax.Array
+    neighbours: np.ndarray | None
+    batch: int
+    steps_per_epoch: int
+
+    @classmethod
+    def build(cls, cfg, features: np.ndarray, context: pair_labels.PairContext) -> "PairBatches":
+        batch = min(cfg.train.batch_size, cfg.pairs.pairs_per_epoch)
+        nbrs = pairs.neighbours(features, cfg.pairs.hard_k) if cfg.pairs.hard_fraction > 0 else None
+        return cls(cfg, context, jnp.asarray(features), nbrs, batch, max(1, cfg.pairs.pairs_per_epoch // batch))
+
+    def epoch(self, epoch: int) -> Callable[[int], tuple]:
+        i, j, targets = pairs.epoch_batches(self.cfg, self.context, len(self.features), self.neighbours, epoch,
+                                            self.steps_per_epoch, self.batch)
+        return lambda b: (self.features, i[b], j[b], targets[b])
+
+
+def pair_head_step(head: nn.Module, loss_fn: Callable) -> Callable[[optax.GradientTransformation], StepFn]:
+    """The jitted step of a pair head: its loss on a batch of (i, j) pairs of the feature rows."""
+
+    def make(tx: optax.GradientTransformation) -> StepFn:
+        @jax.jit
+        def step(params, opt_state, features, i, j, targets):
+            def objective(p):
+                return loss_fn(head.apply({"params": p}, features[i], features[j]), targets)
+
+            loss, grads = jax.value_and_grad(objective)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        return step
+
+    return make
+
+
+def train(
     cfg,
-    head: nn.Module,
-    features: np.ndarray,
-    context: pair_labels.PairContext,
+    params: Any,
+    source: BatchSource,
+    make_step: Callable[[optax.GradientTransformation], StepFn],
     run_dir: Path,
     keeper: "selection.BestKeeper | None" = None,
-) -> dict[str, Any]:
-    """Trains `head` on pairs of `features` rows; returns the final parameters (the best ones are on disk
-    with `keeper`).
+    *,
+    validate_every: int = 1,
+    title: str = "",
+) -> Any:
+    """Trains `params` for `train.epochs` epochs of `source`; returns the final parameters (the best ones
+    are on disk with `keeper`).
 
     Ctrl-C and divergence stop it with one line, after any checkpoint being written has completed.
     """
     state: dict[str, Any] = {}  # the loop's manager and step, for the messages below
     try:
-        return _train_head(cfg, head, features, context, run_dir, state, keeper)
+        return _train(cfg, params, source, make_step, Path(run_dir), state, keeper, validate_every, title)
     except (KeyboardInterrupt, DivergedError) as e:
         if "mngr" not in state:
             raise
@@ -73,16 +120,14 @@ def train_head(
         ) from None
 
 
-def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, Any], keeper=None) -> dict[str, Any]:
-    params = heads.init_params(head, features.shape[1], jax.random.key(cfg.seed))
-    n = len(features)
-    batch = min(cfg.train.batch_size, cfg.pairs.pairs_per_epoch)
-    steps_per_epoch = max(1, cfg.pairs.pairs_per_epoch // batch)
-    total_steps = steps_per_epoch * cfg.train.epochs
+def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: dict[str, Any], keeper,
+           validate_every: int, title: str) -> Any:
+    steps_per_epoch = source.steps_per_epoch
+    epochs = cfg.train.epochs
+    total_steps = steps_per_epoch * epochs
     tx = optim.make_optimizer(cfg.train, total_steps)
     opt_state = tx.init(params)
-    step_fn = make_train_step(head, tx, losses.get_loss(cfg.loss))
-    nbrs = pairs.neighbours(features, cfg.pairs.hard_k) if cfg.pairs.hard_fraction > 0 else None
+    step_fn = make_step(tx)
 
     mngr = checkpointing.manager(run_dir, cfg.train.max_to_keep)
     step = 0
@@ -91,25 +136,27 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
         opt_state, step = train_state["opt_state"], int(train_state["step"])
         log.info("resumed from step %d of %d", step, total_steps)
     elif mngr.latest_step() is not None:
-        raise CheckpointError(
-            f"{run_dir} already holds checkpoints; pass train.resume=true to continue them"
-        )
+        raise CheckpointError(f"{run_dir} already holds checkpoints; pass train.resume=true to continue them")
 
-    feats = jnp.asarray(features)
+    def validates_after(epochs_done: int) -> bool:
+        return epochs_done == 0 or epochs_done % validate_every == 0 or epochs_done == epochs
+
     lr = optim.learning_rate_schedule(cfg.train, total_steps)
     with MetricsLog(run_dir, keep_up_to=step) as metrics:  # each step once, also after a resume
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
         state.update(mngr=mngr, step=step, progress=progress)
         loss_sum, loss_count = 0.0, 0
-        if keeper is not None and step % steps_per_epoch == 0 and not keeper.already_validated(step):
+        done = step // steps_per_epoch
+        if (keeper is not None and step % steps_per_epoch == 0 and validates_after(done)
+                and not keeper.already_validated(step)):
             # the starting point is a candidate too: a residual head that training only hurts keeps its base metric
-            metrics.write({"step": step, "epoch": step // steps_per_epoch, **keeper.validate(step, step // steps_per_epoch, params)})
+            metrics.write({"step": step, "epoch": done, **keeper.validate(step, done, params)})
         stopped = keeper is not None and keeper.selection.should_stop(cfg.train.patience)
         while step < total_steps and not stopped:
             epoch, offset = divmod(step, steps_per_epoch)
-            i, j, targets = pairs.epoch_batches(cfg, context, n, nbrs, epoch, steps_per_epoch, batch)
+            batch = source.epoch(epoch)
             for b in range(offset, steps_per_epoch):
-                params, opt_state, loss = step_fn(params, opt_state, feats, i[b], j[b], targets[b])
+                params, opt_state, loss = step_fn(params, opt_state, *batch(b))
                 step += 1
                 state["step"] = step
                 guards.check_loss(step, float(loss))  # stops before a NaN reaches the log or a checkpoint
@@ -124,14 +171,14 @@ def _train_head(cfg, head, features, context, run_dir: Path, state: dict[str, An
                 if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
                     guards.check_params(step, params)
                     checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
-            if keeper is not None:
+            if keeper is not None and validates_after(epoch + 1):
                 metrics.write({"step": step, "epoch": epoch + 1, **keeper.validate(step, epoch + 1, params)})
                 stopped = keeper.selection.should_stop(cfg.train.patience)
                 if stopped:
-                    log.info("early stop after epoch %d: no better validation %s for %d epochs (best: step %d)",
+                    log.info("early stop after epoch %d: no better validation %s for %d validations (best: step %d)",
                              epoch + 1, keeper.metric, cfg.train.patience, keeper.selection.best_step)
         progress.close()
-    curves.write_curves(run_dir, title=f"head={cfg.head.name} labels={cfg.labels.name} loss={cfg.loss.name}")
+    curves.write_curves(run_dir, title=title)
     if mngr.latest_step() != step:  # e.g. a resumed run that was already complete
         checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
     mngr.wait_until_finished()
