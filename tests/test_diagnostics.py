@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from cbir_jax.evaluation import diagnostics
 from cbir_jax.runs.cli import to_typed
+from cbir_jax.features.stage import as_gallery, load_stage
 from cbir_jax.train import train
 
 from helpers import compose_config
@@ -93,9 +94,25 @@ def test_train_writes_diagnostics_that_agree_with_each_other(tmp_path):
     # cosine's fit to the target is the label's correlation with cosine: two code paths, one number
     assert cosine["fit_train_pairs"] == pytest.approx(d["label"]["train"]["spearman_with_cosine"], abs=1e-6)
     assert cosine["pairs"]["spearman_with_cosine"] == pytest.approx(1.0)
+    # cosine's leave-one-out MAP@R, worked out here by brute force (ties: irrelevant first)
+    stage = load_stage(to_typed(cfg))
+    x, y = as_gallery(to_typed(cfg), stage.features.features[stage.split.train]), stage.features.labels[stage.split.train]
+    assert cosine["train_rows"]["map_at_r"] == pytest.approx(_brute_force_map_at_r(x, y), abs=1e-9)
     for block in (cosine, mlp):
         for rows in ("train_rows", "held_out_rows"):
-            assert 0.0 <= block[rows]["map_at_r"] <= 1.0
+            assert np.isfinite(block[rows]["map_at_r"]) and np.isfinite(block[rows]["n10_skewness"])
     assert 0.0 <= d["label"]["train"]["auc_same_class"] <= 1.0
     assert d["rows"]["train"] + d["rows"]["held_out"] < 21 * 4  # validation rows are in neither
     OmegaConf.create(d)  # plain JSON types only
+
+
+def _brute_force_map_at_r(x: np.ndarray, y: np.ndarray) -> float:
+    values = []
+    for i in range(len(x)):
+        others = [j for j in range(len(x)) if j != i]
+        order = sorted(others, key=lambda j: (-float(x[i] @ x[j]), y[j] == y[i]))
+        rel = [y[j] == y[i] for j in order]
+        r = sum(rel)
+        if r:
+            values.append(sum(sum(rel[:n + 1]) / (n + 1) for n in range(r) if rel[n]) / r)
+    return float(np.mean(values))

@@ -1,6 +1,8 @@
 """The learned re-ranker: exact leave-one-out, query chunks, a planted toy where learning must help, and
 save/restore through the entry points."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,3 +154,40 @@ def test_train_then_evaluate_restores_the_same_reranker(tmp_path):
     assert len(tuned) == 1 and "learned_rerank" in trained
     again = evaluate(compose_config(*overrides, f"checkpoint={run}"), tmp_path / "eval")
     assert again["learned_rerank"] == pytest.approx(trained["learned_rerank"], abs=1e-9)
+
+
+def test_the_reranker_resumes_bit_identically_in_the_one_loop(tmp_path, monkeypatch):
+    """The re-ranker trains in the pair heads' loop: a run stopped by Ctrl-C mid-epoch and resumed ends with
+    exactly the parameters and validation history of the uninterrupted run; without train.resume=true the
+    loop refuses to overwrite its checkpoints."""
+    from cbir_jax.core.errors import CheckpointError, Interrupted
+    from cbir_jax.runs.cli import to_typed
+    from cbir_jax.training import guards
+
+    rng = np.random.default_rng(1)
+    x, y = _confusable(rng, 6, 10)
+    cfg = to_typed(compose_config("head=learned_rerank", "seed=0"))
+    cfg.head.reranker = LearnedRerankConfig(k=5, qe_k=3, dim=8, depth=1, heads=2, queries_per_step=16, val_every=1)
+    cfg.train = TrainConfig(epochs=3, learning_rate=3e-3, warmup_steps=2, checkpoint_every=2)
+    args = (x[:48], lambda: y[:48], x[48:], y[48:])
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    params, summary = rerank_training.train_reranker(cfg, *args, full)
+    stop_at = summary["steps"] // 3 + 2  # inside the second epoch, after one validation and one checkpoint
+    check = guards.check_loss
+
+    def ctrl_c(step, loss):
+        if step == stop_at:
+            raise KeyboardInterrupt
+        check(step, loss)
+
+    monkeypatch.setattr(guards, "check_loss", ctrl_c)
+    with pytest.raises(Interrupted, match="train.resume=true"):
+        rerank_training.train_reranker(cfg, *args, stopped)
+    monkeypatch.setattr(guards, "check_loss", check)
+    with pytest.raises(CheckpointError, match="train.resume=true"):
+        rerank_training.train_reranker(cfg, *args, stopped)
+    cfg.train.resume = True
+    again, _ = rerank_training.train_reranker(cfg, *args, stopped)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, again)
+    history = [json.loads((run / "best.json").read_text())["history"] for run in (full, stopped)]
+    assert history[0] == history[1] and len(history[0]) == 4  # untrained, then after each of the 3 epochs
