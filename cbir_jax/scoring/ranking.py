@@ -11,7 +11,7 @@ rows it shares with the chunk before are masked, so every row is scored once.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +94,61 @@ def top_k(
     """The k best gallery items per query, scanning the gallery `chunk` rows at a time."""
     rows, shared = state
     return scan_top_k(scorer, rows, shared, queries, k, chunk, self_index, exclude_self)
+
+
+def top_k_streamed(
+    scorer: Scorer,
+    chunks: Iterable[tuple[int, np.ndarray]],
+    queries: jax.Array,
+    k: int,
+    *,
+    rows_per_chunk: int,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    self_index: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """As `top_k`, over a gallery that is never in memory whole: `chunks` yields (first row, host rows), e.g.
+    a feature store's `iter_chunks`. Each chunk is transformed on the host (post-processing), put on the
+    device while the chunk before is scored (double buffering: `device_put` returns at once), prepared and
+    merged into the running top-k. Peak memory is about two chunks, whatever the gallery's size. Only
+    `row_local` scorers stream; `self_index` (global rows, -1: none) is left out of each query's list."""
+    if not scorer.row_local:
+        raise ValueError(f"{scorer.name} is not row-local: it needs the whole gallery at once")
+    queries = jnp.asarray(queries, jnp.float32)
+    b = queries.shape[0]
+    excluded = jnp.asarray(np.full(b, -1) if self_index is None else self_index, jnp.int32)
+    best = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
+
+    def put(item):
+        if item is None:
+            return None
+        first, rows = item
+        rows = np.asarray(transform(rows) if transform is not None else rows, np.float32)
+        valid = len(rows)
+        if valid < rows_per_chunk:  # the last chunk, padded: one compilation for every chunk
+            rows = np.concatenate([rows, np.zeros((rows_per_chunk - valid, rows.shape[1]), np.float32)])
+        return jnp.int32(first), jnp.int32(valid), jax.device_put(rows)
+
+    stream = iter(chunks)
+    upcoming = put(next(stream, None))
+    while upcoming is not None:
+        current, upcoming = upcoming, put(next(stream, None))
+        best = _merge_chunk(scorer, best, *current, queries, excluded, k)
+    scores, ids = best
+    return np.asarray(scores), np.asarray(jnp.where(jnp.isfinite(scores), ids, -1))
+
+
+@functools.partial(jax.jit, static_argnames=("scorer", "k"))
+def _merge_chunk(scorer: Scorer, best, first, valid, rows, queries, excluded, k: int):
+    state_rows, shared = scorer.prepare(rows)
+    s = scorer.score(state_rows, shared, queries, excluded - first).astype(jnp.float32)
+    pos = jnp.arange(rows.shape[0], dtype=jnp.int32)
+    label = first + pos
+    invalid = (pos >= valid)[None, :] | (label[None, :] == excluded[:, None])
+    s = jnp.where(invalid, -jnp.inf, s)
+    all_s = jnp.concatenate([best[0], s], axis=1)
+    all_i = jnp.concatenate([best[1], jnp.broadcast_to(label, s.shape)], axis=1)
+    top_s, at = jax.lax.top_k(all_s, k)
+    return top_s, jnp.take_along_axis(all_i, at, axis=1)
 
 
 def gallery_neighbours(

@@ -4,7 +4,9 @@
 the gallery axis first (so ranking can slice it into chunks), `shared` is everything else (parameters,
 precomputed terms). `score(rows, shared, queries, self_index)` returns (B, n) similarities for the n
 gallery rows given; `self_index` is each query's position among those rows (or negative), which only
-neighbourhood re-rankers need. A `chunkable=False` scorer needs the whole gallery at once.
+neighbourhood re-rankers need. A `chunkable=False` scorer needs the whole gallery at once. A `row_local`
+scorer's `prepare` of some rows equals those rows of `prepare` of the whole gallery, so a gallery can be
+prepared and ranked chunk by chunk as it streams from disk (`ranking.top_k_streamed`).
 
 By convention a dict `rows` keeps the raw gallery features under `FEATURES` ("g"); `with_storage` keeps
 that leaf in bfloat16/float16 and widens each chunk to float32 before scoring.
@@ -40,6 +42,7 @@ class Scorer:
     prepare: Callable[[jax.Array], GalleryState]
     score: Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
     chunkable: bool = True
+    row_local: bool = False
 
 
 # Fast forms keyed by head class: build(head, params) -> (prepare, score). Anything else is scored by
@@ -241,7 +244,7 @@ def pair_scorer(name: str, head: nn.Module, params, *, fast: bool = True) -> Sco
         prepare, score = FAST_FORMS.get(key)(head, params)
     else:
         prepare, score = _pairwise_form(head, params)
-    return Scorer(name=name, prepare=prepare, score=score, chunkable=True)
+    return Scorer(name=name, prepare=prepare, score=score, chunkable=True, row_local=True)
 
 
 def fixed_scorer(name: str) -> Scorer:
@@ -260,7 +263,7 @@ def _dot_score(rows, shared, queries, self_index):
 
 # Inner product: cosine on rows that are already unit vectors (the re-rankers' neighbourhoods), without
 # normalising them again.
-DOT = Scorer(name="dot", prepare=_dot_prepare, score=_dot_score)
+DOT = Scorer(name="dot", prepare=_dot_prepare, score=_dot_score, row_local=True)
 
 
 def with_storage(scorer: Scorer, dtype) -> Scorer:
@@ -281,4 +284,5 @@ def with_storage(scorer: Scorer, dtype) -> Scorer:
             rows = {**rows, FEATURES: rows[FEATURES].astype(jnp.float32)}
         return scorer.score(rows, shared, queries, self_index)
 
-    return Scorer(name=f"{scorer.name}[{dtype.name}]", prepare=prepare, score=score, chunkable=scorer.chunkable)
+    return Scorer(name=f"{scorer.name}[{dtype.name}]", prepare=prepare, score=score, chunkable=scorer.chunkable,
+                  row_local=scorer.row_local)
