@@ -299,7 +299,7 @@ def convert(state_dict: dict[str, np.ndarray], entries: list[Entry], spec: ViTSp
     wanted = {e.key: e.shape for e in entries}
     missing = [k for k in wanted if k not in state_dict]
     unexpected = sorted(set(state_dict) - set(wanted))
-    hint = f"is backbone.model={model} the checkpoint's size?"
+    hint = f"is it a {model} checkpoint (backbone, backbone.model)?"
     if missing or unexpected:
         raise W.CheckpointMismatchError(
             f"{source} does not match {model}: missing {W._few(missing)}; unexpected {W._few(unexpected)}; {hint}")
