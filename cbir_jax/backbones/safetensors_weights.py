@@ -91,11 +91,15 @@ def load(path: str, rename: Callable[[str], str | None] = lambda key: key) -> di
     out: dict[str, np.ndarray] = {}
     try:
         with safe_open(path, framework="numpy") as f:
-            narrow = {}
+            narrow: dict[str, str] = {}
+            seen: dict[str, str] = {}
             for key in f.keys():
                 name = rename(key)
                 if name is None:
                     continue
+                if name in seen:
+                    raise WeightsFileError(f"backbone.weights={path} holds {name} twice (as {seen[name]} and {key})")
+                seen[name] = key
                 if f.get_slice(key).get_dtype() == "BF16":
                     narrow[key] = name  # numpy has no bfloat16: read below through JAX (ml_dtypes)
                 else:
