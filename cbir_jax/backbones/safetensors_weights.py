@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from cbir_jax.core.config import default_cache_dir
-from cbir_jax.core.errors import MissingFileError, UserError
+from cbir_jax.core.errors import ConfigError, MissingFileError, UserError
 
 FILENAME = "model.safetensors"
 
@@ -27,8 +27,8 @@ class WeightsFileError(UserError):
 
 def how_to_fetch(repo: str, revision: str) -> str:
     """The one command that puts the official checkpoint on disk, for error messages and the README."""
-    return (f"huggingface-cli download {repo} {FILENAME} --revision {revision} --local-dir DIR "
-            f"and pass backbone.weights=DIR/{FILENAME}")
+    return (f"hf download {repo} {FILENAME} --revision {revision} --local-dir DIR "
+            f"(pip install huggingface-hub) and pass backbone.weights=DIR/{FILENAME}")
 
 
 def _hub_cache(cache_dir: str | None) -> Path:
@@ -72,7 +72,13 @@ def resolve(weights: str | None, repo: str, revision: str, cache_dir: str | None
         raise MissingFileError(f"no {what} checkpoint in {where} and HF_HUB_OFFLINE is set; "
                                f"get it with: {how_to_fetch(repo, revision)}")
     try:
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:
+        HFValidationError = ()  # noqa: N806  (without huggingface_hub the download below fails on import)
+    try:
         path = (download or hub_download)(repo, revision, cache_dir)
+    except HFValidationError as e:  # a malformed repo id or revision: the config's value, not a bug
+        raise ConfigError(f"backbone.hf_repo={repo} / backbone.hf_revision={revision}: {e}") from None
     except ImportError:
         raise MissingFileError(f"no {what} checkpoint in {where} and huggingface_hub is not installed to fetch it; "
                                f"get it with: {how_to_fetch(repo, revision)}") from None
