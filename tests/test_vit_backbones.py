@@ -328,6 +328,11 @@ def test_weights_that_do_not_fit_are_one_line_errors_naming_the_key(tiny, tmp_pa
     _, clip = tiny["clip", "tiny"]
     with pytest.raises(CheckpointMismatchError, match=r"missing embeddings\.cls_token.*is it a dinov2 tiny checkpoint"):
         build_backbone(dataclasses.replace(cfg, weights=clip))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(Path(path).read_bytes()[:-1000])
+    with pytest.raises(SW.WeightsFileError, match="not a readable safetensors file") as info:
+        build_backbone(dataclasses.replace(cfg, weights=str(truncated)))
+    assert "\n" not in str(info.value)
     not_safetensors = tmp_path / "model.pth"
     not_safetensors.write_bytes(b"PK\x03\x04 a torch zip archive, say" * 10)
     with pytest.raises(SW.WeightsFileError, match="not a readable safetensors file") as info:
