@@ -23,17 +23,17 @@ import pytest
 import skimage.data
 
 from cbir_jax.backbones import build_backbone
-from cbir_jax.backbones import clip as C
-from cbir_jax.backbones import dinov2 as D
-from cbir_jax.backbones import safetensors_weights as SW
-from cbir_jax.backbones import vit as V
+from cbir_jax.backbones import clip
+from cbir_jax.backbones import dinov2
+from cbir_jax.backbones import safetensors_weights
+from cbir_jax.backbones import vit
 from cbir_jax.backbones.weights import CheckpointMismatchError
 from cbir_jax.core.config import BackboneConfig, preset
 from cbir_jax.core.errors import ConfigError, MissingFileError
 
 CALTECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101-dev"
 TOL = 1e-4  # float32, max abs difference of a feature
-FAMILIES = {"dinov2": D.FAMILY, "clip": C.CLIP, "siglip": C.SIGLIP}
+FAMILIES = {"dinov2": dinov2.FAMILY, "clip": clip.CLIP, "siglip": clip.SIGLIP}
 
 
 def _photos() -> list[np.ndarray]:
@@ -56,7 +56,7 @@ def _private_cache(tmp_path_factory, monkeypatch):
 # --- reference models ------------------------------------------------------------------------------------
 
 
-def _hf_config(family: str, spec: V.ViTSpec):
+def _hf_config(family: str, spec: vit.ViTSpec):
     """The `transformers` config of the architecture `spec` describes (whole CLIP/SigLIP model, as published)."""
     import transformers as T
 
@@ -113,7 +113,7 @@ def tiny(tmp_path_factory):
     return out
 
 
-def _reference_features(family: str, net, batch: np.ndarray, spec: V.ViTSpec, layer: int, pooling: str,
+def _reference_features(family: str, net, batch: np.ndarray, spec: vit.ViTSpec, layer: int, pooling: str,
                         p: float = 3.0) -> np.ndarray:
     """The feature the backbone should give, computed from the reference's own modules."""
     import torch
@@ -203,7 +203,7 @@ def test_preprocessing_is_the_reference_image_processors(family, size, resize):
     mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
     for image in _photos() + [skimage.data.camera()]:  # camera: greyscale
         want = proc(images=[Image.fromarray(image)], return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-        got = V.preprocess(image, size=size, resize=resize, ratio=spec.resize_ratio, mean=mean, std=std)
+        got = vit.preprocess(image, size=size, resize=resize, ratio=spec.resize_ratio, mean=mean, std=std)
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
@@ -216,7 +216,7 @@ def test_bicubic_matrix_is_torch_interpolate(n_in, n_out, antialias):
     x = np.random.default_rng(0).standard_normal((1, 3, n_in, n_in)).astype(np.float32)
     want = torch.nn.functional.interpolate(torch.from_numpy(x), size=(n_out, n_out), mode="bicubic",
                                            align_corners=False, antialias=antialias).numpy()
-    m = V.torch_bicubic_matrix(n_in, n_out, antialias)
+    m = vit.torch_bicubic_matrix(n_in, n_out, antialias)
     np.testing.assert_allclose(np.einsum("ij,kl,bcjl->bcik", m, m, x), want, rtol=0, atol=1e-5)
 
 
@@ -248,7 +248,7 @@ def test_real_sizes_have_the_published_keys_and_shapes(family, model):
     flat = {"/".join(e.path): e.convert(np.broadcast_to(np.float32(0), e.shape)).shape for e in entries}
     from flax import traverse_util
 
-    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(V.param_shapes(spec)).items()}
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(vit.param_shapes(spec)).items()}
     assert flat == want
 
 
@@ -325,17 +325,17 @@ def test_weights_that_do_not_fit_are_one_line_errors_naming_the_key(tiny, tmp_pa
     _, reg = tiny["dinov2", "tiny_reg"]
     with pytest.raises(CheckpointMismatchError, match=r"does not match dinov2 tiny: .*unexpected embeddings\.register_tokens"):
         build_backbone(dataclasses.replace(cfg, weights=reg))
-    _, clip = tiny["clip", "tiny"]
+    _, clip_file = tiny["clip", "tiny"]
     with pytest.raises(CheckpointMismatchError, match=r"missing embeddings\.cls_token.*is it a dinov2 tiny checkpoint"):
-        build_backbone(dataclasses.replace(cfg, weights=clip))
+        build_backbone(dataclasses.replace(cfg, weights=clip_file))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(Path(path).read_bytes()[:-1000])
-    with pytest.raises(SW.WeightsFileError, match="not a readable safetensors file") as info:
+    with pytest.raises(safetensors_weights.WeightsFileError, match="not a readable safetensors file") as info:
         build_backbone(dataclasses.replace(cfg, weights=str(truncated)))
     assert "\n" not in str(info.value)
     not_safetensors = tmp_path / "model.pth"
     not_safetensors.write_bytes(b"PK\x03\x04 a torch zip archive, say" * 10)
-    with pytest.raises(SW.WeightsFileError, match="not a readable safetensors file") as info:
+    with pytest.raises(safetensors_weights.WeightsFileError, match="not a readable safetensors file") as info:
         build_backbone(dataclasses.replace(cfg, weights=str(not_safetensors)))
     assert "\n" not in str(info.value)
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir_jax.backbones import clip as C
-from cbir_jax.backbones import dinov2 as D
-from cbir_jax.backbones import vit as V
+from cbir_jax.backbones import clip
+from cbir_jax.backbones import dinov2
+from cbir_jax.backbones import vit
 from helpers import FAST
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -28,13 +28,13 @@ PROJECT = Path(__file__).resolve().parents[1]
 COMMON = [o for o in FAST if not o.startswith("backbone")] + ["data.views_per_image=2"]
 
 
-def write_checkpoint(family: V.Family, model: str, path: Path, seed: int = 0) -> str:
+def write_checkpoint(family: vit.Family, model: str, path: Path, seed: int = 0) -> str:
     """Random tensors with the published key names and shapes of `family`'s `model`."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
     tensors = {e.key: (rng.standard_normal(e.shape) * 0.1).astype(np.float32) for e in family.entries(family.models[model].spec)}
-    if family is D.FAMILY:
+    if family is dinov2.FAMILY:
         tensors["embeddings.mask_token"] = np.zeros((1, family.models[model].spec.hidden), np.float32)
     save_file(tensors, str(path), metadata={"format": "pt"})
     return str(path)
@@ -49,7 +49,7 @@ def _run(*args: str, cwd: Path = PROJECT) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_dinov2_through_train_evaluate_search_index_and_serve(tmp_path):
-    weights = write_checkpoint(D.FAMILY, "tiny", tmp_path / "model.safetensors")
+    weights = write_checkpoint(dinov2.FAMILY, "tiny", tmp_path / "model.safetensors")
     backbone = ["backbone=dinov2", "backbone.model=tiny", "backbone.image_size=56", f"backbone.weights={weights}"]
     cache = f"cache_dir={tmp_path / 'cache'}"
     run = tmp_path / "run"
@@ -101,7 +101,7 @@ def _serve_answers(tmp_path: Path, *overrides: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, size", [(C.CLIP, 64), (C.SIGLIP, 64)], ids=["clip", "siglip"])
+@pytest.mark.parametrize("family, size", [(clip.CLIP, 64), (clip.SIGLIP, 64)], ids=["clip", "siglip"])
 def test_clip_and_siglip_train_end_to_end(family, size, tmp_path):
     weights = write_checkpoint(family, "tiny", tmp_path / "model.safetensors")
     run = tmp_path / "run"

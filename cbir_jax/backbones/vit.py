@@ -27,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 from PIL import Image
 
-from cbir_jax.backbones import weights as W
+from cbir_jax.backbones import weights
 from cbir_jax.backbones.base import Backbone
 from cbir_jax.core.errors import ConfigError
 from cbir_jax.core.registry import UnknownComponentError
@@ -291,6 +291,10 @@ def packed_attention(key: str, path: tuple[str, ...], d: int) -> list[Entry]:
     return out + linear(f"{key}.out_proj", (*path, "out"), d, d)
 
 
+def _few(keys: list[str], n: int = 5) -> str:
+    return "none" if not keys else ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
 def convert(state_dict: dict[str, np.ndarray], entries: list[Entry], spec: ViTSpec, source: str, model: str) -> dict:
     """Maps checkpoint tensors onto Flax params, all or nothing: a missing, unexpected or mis-shaped tensor is
     a one-line CheckpointMismatchError that names the checkpoint key (`state_dict` holds only the tensors
@@ -301,15 +305,15 @@ def convert(state_dict: dict[str, np.ndarray], entries: list[Entry], spec: ViTSp
     unexpected = sorted(set(state_dict) - set(wanted))
     hint = f"is it a {model} checkpoint (backbone, backbone.model)?"
     if missing or unexpected:
-        raise W.CheckpointMismatchError(
-            f"{source} does not match {model}: missing {W._few(missing)}; unexpected {W._few(unexpected)}; {hint}")
+        raise weights.CheckpointMismatchError(
+            f"{source} does not match {model}: missing {_few(missing)}; unexpected {_few(unexpected)}; {hint}")
     wrong = [f"{k} {tuple(state_dict[k].shape)} != {shape}" for k, shape in wanted.items()
              if tuple(state_dict[k].shape) != shape]
     if wrong:
-        raise W.CheckpointMismatchError(f"{source} does not match {model}: shape mismatch {W._few(wrong)}; {hint}")
+        raise weights.CheckpointMismatchError(f"{source} does not match {model}: shape mismatch {_few(wrong)}; {hint}")
     flat = {e.path: np.ascontiguousarray(e.convert(np.asarray(state_dict[e.key])), np.float32) for e in entries}
     params = traverse_util.unflatten_dict(flat)
-    W.check_shapes(params, param_shapes(spec), source)  # a mapping bug, not a user error, if this ever fails
+    weights.check_shapes(params, param_shapes(spec), source)  # a mapping bug, not a user error, if this ever fails
     return params
 
 
@@ -336,12 +340,7 @@ def preprocess(image: np.ndarray, *, size: int, resize: str, ratio: float, mean:
         else:
             nh, nw = short_target, int(short_target * w / h)
         out = np.asarray(pil.resize((nw, nh), Image.Resampling.BICUBIC))
-        top, left = (nh - size) // 2, (nw - size) // 2
-        if top < 0 or left < 0:  # the reference pads a too-small image with zeros
-            padded = np.zeros((max(nh, size), max(nw, size), 3), np.uint8)
-            pt, pl = math.ceil(max(size - nh, 0) / 2), math.ceil(max(size - nw, 0) / 2)
-            padded[pt:pt + nh, pl:pl + nw] = out
-            out, top, left = padded, max(top, 0), max(left, 0)
+        top, left = (nh - size) // 2, (nw - size) // 2  # >= 0: ratio >= 1, so never smaller than the crop
         out = out[top:top + size, left:left + size]
     x = (out.astype(np.float64) * (1 / 255)).astype(np.float32)
     return (x - mean) / std
@@ -462,25 +461,25 @@ def load_params(family: Family, model: str, path: str) -> tuple[dict, str]:
 
 @functools.lru_cache(maxsize=4)
 def _load_params(family: Family, model: str, path: str, size: int, mtime_ns: int) -> tuple[dict, str]:
-    from cbir_jax.backbones import safetensors_weights as SW
+    from cbir_jax.backbones import safetensors_weights
 
     del size, mtime_ns  # part of the cache key only: a file rewritten in place is read again
     spec = family.models[model].spec
-    tensors = SW.load(path, rename=family.rename)
+    tensors = safetensors_weights.load(path, rename=family.rename)
     params = convert(tensors, family.entries(spec), spec, path, f"{family.name} {model}")
-    return params, W.sha256_file(path)
+    return params, weights.sha256_file(path)
 
 
 def build_family(cfg, cache_dir: str | None, family: Family) -> Backbone:
     """`backbone=<family.name>`: resolves the weights file (local, cached, or fetched once), loads it
     strictly and wraps it as a Backbone."""
-    from cbir_jax.backbones import safetensors_weights as SW
+    from cbir_jax.backbones import safetensors_weights
 
     model, entry = family.model(cfg.model)
     repo = cfg.hf_repo or entry.repo
     revision = cfg.hf_revision or family.revision
     if not cfg.weights and repo is None:
         raise ConfigError(f"{family.name} {model} is a test architecture with no published checkpoint; pass backbone.weights=PATH")
-    path = SW.resolve(cfg.weights, repo or "", revision, cache_dir, what=f"{family.title} {model}")
+    path = safetensors_weights.resolve(cfg.weights, repo or "", revision, cache_dir, what=f"{family.title} {model}")
     params, sha = load_params(family, model, path)
     return vit_backbone(cfg, name=family.name, model=model, spec=entry.spec, params=params, weights_sha=sha[:16])
