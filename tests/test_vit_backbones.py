@@ -366,7 +366,7 @@ def test_without_weights_the_pinned_repo_is_fetched_into_cache_dir(tiny, tmp_pat
         return path
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(SW, "hub_download", fake_download)
+    monkeypatch.setattr(safetensors_weights, "hub_download", fake_download)
     cfg = dataclasses.replace(preset("backbone", "siglip", BackboneConfig), model="tiny", image_size=64,
                               hf_repo="someone/siglip-tiny", hf_revision="c0ffee")
     backbone = build_backbone(cfg, cache_dir=str(tmp_path))
