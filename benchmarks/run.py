@@ -108,6 +108,7 @@ def jobs(quick: bool, tmp: str) -> list[tuple[str, Callable[[], list[dict]]]]:
             ("memory", lambda: ranking.rss_rows(250_000, [1])),
             ("heuristics", lambda: module_rows("heuristics", quick)),
             ("extraction", lambda: module_rows("extraction", quick)),
+            ("vit extraction", lambda: module_rows("vit_extraction", quick)),
         ]
     return [
         ("fixed metrics", lambda: ranking.fixed_metric_rows([10_000, 100_000, 1_000_000], 3, 3, 2, 2)),
@@ -117,6 +118,7 @@ def jobs(quick: bool, tmp: str) -> list[tuple[str, Callable[[], list[dict]]]]:
         ("memory", lambda: ranking.rss_rows(1_000_000, [1, 256])),
         ("heuristics", lambda: module_rows("heuristics", quick)),
         ("extraction", lambda: module_rows("extraction", quick)),
+        ("vit extraction", lambda: module_rows("vit_extraction", quick)),
     ]
 
 

@@ -87,11 +87,16 @@ class BackboneConfig:
     resize: Resize = Resize.squash
     weights: Optional[str] = None  # a state-dict file, for backbones whose weights no package ships
     layer: Optional[str] = None  # which stage's activations become the feature; None: the last
-    pooling: str = "gap"  # gap | mac | gem | rmac
+    pooling: str = "gap"  # gap | mac | gem | rmac; vision transformers: cls | mean | gem | embed
     gem_p: float = 3.0
     rmac_levels: int = 3
     batch_size: int = 32
     dtype: DType = DType.float32
+    # Vision transformers (dinov2, clip, siglip): the size (e.g. vits14, vitb32), and the Hugging Face repo and
+    # revision whose model.safetensors is fetched once into cache_dir when `weights` is unset (null: the model's).
+    model: Optional[str] = None
+    hf_repo: Optional[str] = None
+    hf_revision: Optional[str] = None
 
 
 @dataclasses.dataclass
