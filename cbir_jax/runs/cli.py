@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbir_jax.core.config import Config
 from cbir_jax.core.config_checks import validate
-from cbir_jax.core.errors import ConfigError, Interrupted, UserError
+from cbir_jax.core.errors import ConfigError, Interrupted, Terminated, UserError
 
 T = TypeVar("T")
 # OS errors a user's environment causes (a path that is missing, not writable, or on a full disk): one line
@@ -44,6 +44,11 @@ def run_or_exit(fn: Callable[[], T]) -> T:
     """
     # Orbax narrates every save at INFO through absl; keep the run log about the run.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if not any(isinstance(f, _OrbaxReRaises) for f in logging.getLogger("absl").filters):
+        logging.getLogger("absl").addFilter(_OrbaxReRaises())
+    # A log file on a full disk must not print a traceback per record: the error itself is reported.
+    logging.raiseExceptions = False
+    _sigterm_raises()
     try:
         return fn()
     except (UserError, OSError, KeyboardInterrupt) as e:
@@ -51,6 +56,29 @@ def run_or_exit(fn: Callable[[], T]) -> T:
         if known is None or os.environ.get("CBIR_JAX_DEBUG"):
             raise
         exit_with(*known)
+
+
+class _OrbaxReRaises(logging.Filter):
+    """Drops Orbax's tracebacks of background save failures (a full disk gives a dozen): Orbax re-raises
+    the same exception in the main thread, where it is reported once (one line, or a traceback if a bug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "orbax" in record.pathname)
+
+
+def _sigterm_raises() -> None:
+    """SIGTERM (SLURM, Kubernetes) becomes `Terminated`: one line and exit 143, as Ctrl-C is one line and 130.
+    Training replaces this with a flag it reads at each step boundary (`trainer.train`)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, handle)
 
 
 def exit_with(message: str, code: int) -> None:

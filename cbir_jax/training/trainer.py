@@ -123,6 +123,10 @@ def train(
             raise cls(
                 f"{how} at step {state['step']} ({kept}); resume with train.resume=true hydra.run.dir={run_dir}"
             ) from None
+        except CheckpointError:  # e.g. a full disk: the message starts on a line of its own
+            if "progress" in state:
+                state["progress"].close()
+            raise
 
 
 class _sigterm_stops:
