@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbir_jax.core.config import Config
 from cbir_jax.core.config_checks import validate
-from cbir_jax.core.errors import ConfigError, Interrupted, Terminated, UserError
+from cbir_jax.core.errors import CheckpointError, ConfigError, Interrupted, Terminated, UserError
 
 T = TypeVar("T")
 # OS errors a user's environment causes (a path that is missing, not writable, or on a full disk): one line
@@ -123,12 +124,17 @@ class RunGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from cbir_jax.runs import lifecycle
 
+        app = str(config.hydra.job.name)
         try:
-            lifecycle.check_output_dir(Path(str(config.hydra.run.dir)), config, app=str(config.hydra.job.name))
-        except (UserError, OSError) as e:
+            checkpoint = config.get("checkpoint")
+            if checkpoint and app != "train" and not Path(str(checkpoint)).is_dir():  # before Hydra makes <it>/eval/
+                raise CheckpointError(f"checkpoint={checkpoint}: no such run folder")
+            lifecycle.check_output_dir(Path(str(config.hydra.run.dir)), config, app=app)
+        except Exception as e:  # fail closed: Hydra would turn an exception here into a warning and go on
             known = one_line(e)
             if known is None or os.environ.get("CBIR_JAX_DEBUG"):
-                raise
+                traceback.print_exc()  # a bug in the guard keeps its traceback, and still stops the command
+                sys.exit(1)
             exit_with(*known)
 
 
