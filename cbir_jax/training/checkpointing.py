@@ -15,6 +15,7 @@ what the uninterrupted one did.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -134,6 +135,11 @@ class Checkpoints:
 
     def _raise_if_disk_full(self, error: BaseException, step: int | None) -> None:
         if disk_full(error):
+            self._pending.pop(step, None)
+            with contextlib.suppress(Exception):  # earlier saves still in flight finish and are committed
+                self.manager.wait_until_finished()
+            with contextlib.suppress(OSError):
+                self.commit()
             self._pending.clear()
             kept = self.committed_steps()
             raise CheckpointError(
