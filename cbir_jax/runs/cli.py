@@ -45,8 +45,13 @@ def run_or_exit(fn: Callable[[], T]) -> T:
     """
     # Orbax narrates every save at INFO through absl; keep the run log about the run.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    if not any(isinstance(f, _OrbaxReRaises) for f in logging.getLogger("absl").filters):
-        logging.getLogger("absl").addFilter(_OrbaxReRaises())
+    for name in ("absl", "asyncio"):
+        if not any(isinstance(f, _OrbaxReRaises) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_OrbaxReRaises())
+    if not getattr(sys.excepthook, "quiet_closed_loop", False):
+        sys.excepthook = _quiet_closed_loop(sys.excepthook)
+        previous_unraisable = sys.unraisablehook
+        sys.unraisablehook = lambda u: None if _closed_loop(u.exc_type, u.exc_value) else previous_unraisable(u)
     # A log file on a full disk must not print a traceback per record: the error itself is reported.
     logging.raiseExceptions = False
     _sigterm_raises()
@@ -64,7 +69,30 @@ class _OrbaxReRaises(logging.Filter):
     the same exception in the main thread, where it is reported once (one line, or a traceback if a bug)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and "orbax" in record.pathname)
+        if not record.exc_info:
+            return True
+        if "orbax" in record.pathname:
+            return False
+        # asyncio's "Task exception was never retrieved" for Orbax's other writes of the same failed save
+        from cbir_jax.training.checkpointing import disk_full
+
+        return not (record.name == "asyncio" and record.exc_info[1] is not None and disk_full(record.exc_info[1]))
+
+
+def _closed_loop(kind: Any, value: Any) -> bool:
+    return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
+def _quiet_closed_loop(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """TensorStore reports, through sys.excepthook, each write still pending when a failed Orbax save
+    closes its event loop ("Event loop is closed"); the save's error itself is reported once."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not _closed_loop(kind, value):
+            previous(kind, value, tb)
+
+    hook.quiet_closed_loop = True  # type: ignore[attr-defined]
+    return hook
 
 
 def _sigterm_raises() -> None:

@@ -110,8 +110,10 @@ class MetricsLog:
             self._writer.close()
         except OSError as e:  # a full disk: the event files are a view, rebuilt from metrics.jsonl on resume
             log.warning("%s: TensorBoard events not written (%s)", self.run_dir / TENSORBOARD_DIR, e.strerror)
-            for writer in getattr(self._writer, "all_writers", {}).values():
-                writer.event_writer._closed = True  # so tensorboardX's exit hook does not flush into the full disk again
+            for writer in getattr(self._writer, "all_writers", {}).values():  # tensorboardX's, left as closed:
+                with contextlib.suppress(Exception):  # its worker stops and its exit hook does not flush again
+                    writer.event_writer._worker.stop()
+                writer.event_writer._closed = True
 
     def __enter__(self) -> "MetricsLog":
         return self
