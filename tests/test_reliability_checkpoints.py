@@ -5,6 +5,7 @@ One reference run (validation on, every checkpoint kept) is trained once; each t
 """
 
 import errno
+import re
 import json
 import logging
 import shutil
@@ -193,3 +194,35 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_earlier_checkpoints
     ckpts.close_quietly()
     assert step == 5
     assert not (run / "model.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name, damage, names",
+    [
+        ("model.json", lambda p: p.write_text(p.read_text()[:40]), "model.json is damaged (not valid JSON"),
+        ("model.json", lambda p: p.write_text("[]"), "model.json is damaged (not a JSON object)"),
+        ("model.json", lambda p: p.write_text('{"head": "mlp", "feature_dim": "768"}'), "model.json is damaged (feature_dim"),
+        (".hydra/config.yaml", lambda p: p.write_text("data: {name: [oops\n"), "config.yaml is damaged"),
+        (".hydra/config.yaml", lambda p: p.write_text("train: {epochs: many}\n"), "config.yaml is damaged"),
+    ],
+)
+def test_a_damaged_run_file_is_named_in_one_line(reference, tmp_path, name, damage, names):
+    from cbir_jax.evaluate import evaluate
+    import cbir_jax
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    damage(run / name)
+    with pytest.raises(CheckpointError, match=re.escape(names)) as e:
+        evaluate(compose_config(f"checkpoint={run}"), tmp_path / "eval")
+    assert "\n" not in str(e.value) and str(run / name) in str(e.value)
+    with pytest.raises(CheckpointError, match=re.escape(names)):
+        cbir_jax.load_run(run)  # the API reads runs the same way
+
+
+def test_a_damaged_best_json_is_named_when_resuming(reference, tmp_path):
+    run = _unfinished_copy(reference, tmp_path / "run", last=10)
+    (run / "best.json").write_text((run / "best.json").read_text()[:30])
+    with pytest.raises(CheckpointError, match=r"best.json is damaged") as e:
+        _train(run, *OPTS, "train.resume=true")
+    assert "\n" not in str(e.value)

@@ -263,3 +263,25 @@ def _png(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_index_refuses_a_bad_k_and_a_bad_add_with_one_line(tmp_path):
+    import cbir_jax
+    from faults import image_folder
+    from cbir_jax.api.index import QueryError
+
+    root = image_folder(tmp_path / "photos", classes=2, per_class=3)
+    index = cbir_jax.Index.build("pixels", root, cache_dir=str(tmp_path / "cache"))
+    query = root / "c0" / "0.png"
+    for k in (0, -3, None, True, 2.5, "3"):  # k=0 used to return one hit silently; None a TypeError
+        with pytest.raises(QueryError, match="k must be an integer >= 1") as e:
+            index.search(query, k=k)
+        assert "\n" not in str(e.value)
+    scores, ids, paths = index.search(query, k=100)  # more than the gallery: capped, as documented
+    assert len(ids) == len(index) == 6
+    for bad in (None, 5, [None], [str(query), 7]):
+        with pytest.raises(QueryError, match=r"add\(\) takes"):
+            index.add(bad)
+    assert len(index) == 6
+    with pytest.raises(UserError, match="empty image"):
+        index.search(np.zeros((0, 0, 3), np.uint8))
