@@ -115,10 +115,13 @@ class Checkpoints:
         """Writes the commit file of every save Orbax has finished (its final folder exists); never blocks."""
         for step in sorted(self._pending):
             final = self.dir / str(step)
-            if final.is_dir():
-                atomic_write_text(final / COMMIT_FILE, json.dumps({"step": step, "sha256": self._pending.pop(step)}))
-            elif not self.manager.is_saving_in_progress():  # failed, or deleted by max_to_keep: nothing to commit
-                self._pending.pop(step)
+            if not final.is_dir():
+                if self.manager.is_saving_in_progress():
+                    continue
+                if not final.is_dir():  # (looked at again: it may have been renamed in between)
+                    self._pending.pop(step)  # failed, or deleted by max_to_keep: nothing to commit
+                    continue
+            atomic_write_text(final / COMMIT_FILE, json.dumps({"step": step, "sha256": self._pending.pop(step)}))
 
     def wait(self) -> None:
         """Blocks until every save has finished and is committed."""
