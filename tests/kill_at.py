@@ -1,7 +1,8 @@
 """`python tests/kill_at.py POINT STEP MODULE ARGS...`: runs `python -m MODULE ARGS...` and kill -9s itself
 at one exact point, so a test can resume from what a real kill leaves on disk (Orbax saves in flight too).
 
-POINT: `sigterm` (sends itself SIGTERM after step STEP's loss is checked: a real signal, at a known step),
+POINT: `sigterm` / `sigint` (sends itself SIGTERM / SIGINT, i.e. Ctrl-C, after step STEP's loss is checked:
+a real signal, at a known step),
 `step` (after step STEP's loss is checked: inside the loop, before its log record and checkpoint),
 `validated` (right after the validation record at STEP reached metrics.jsonl), `best.json` (right after
 best.json was written at STEP, before the validation's record reached metrics.jsonl).
@@ -20,7 +21,8 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-if point in ("step", "sigterm"):
+SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
+if point in ("step", *SIGNALS):
     from cbir_jax.training import guards
 
     check = guards.check_loss
@@ -28,7 +30,7 @@ if point in ("step", "sigterm"):
     def check_loss(step, loss):
         check(step, loss)
         if step == at:
-            die() if point == "step" else os.kill(os.getpid(), signal.SIGTERM)
+            die() if point == "step" else os.kill(os.getpid(), SIGNALS[point])
 
     guards.check_loss = check_loss
 elif point == "validated":

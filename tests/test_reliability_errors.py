@@ -285,3 +285,15 @@ def test_index_refuses_a_bad_k_and_a_bad_add_with_one_line(tmp_path):
     assert len(index) == 6
     with pytest.raises(UserError, match="empty image"):
         index.search(np.zeros((0, 0, 3), np.uint8))
+
+
+def test_a_reranker_k_beyond_the_rows_is_one_line_before_any_allocation(tmp_path):
+    """head.reranker.k=100000 on 40 rows: the model used to be built for k first (a 40 GB allocation)."""
+    from cbir_jax.training import rerank_training
+
+    cfg = to_typed(compose_config("head=learned_rerank", "head.reranker.k=100000"))
+    rows = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    labels = np.repeat(np.arange(4), 10)
+    with pytest.raises(DataError, match="head.reranker.k=100000: the training episodes hold only") as e:
+        rerank_training.train_reranker(cfg, rows, lambda: labels, rows[:0], None, tmp_path / "run")
+    assert "\n" not in str(e.value)

@@ -36,6 +36,14 @@ def _last_params(run: Path):
     return checkpointing.restore_params(run, like, "last")
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every resumed one is compared with."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    _train(run, *OPTS)
+    return run
+
+
 def _killed_at(point: str, step: int, run: Path, *extra: str, code: int = -9) -> subprocess.CompletedProcess:
     cmd = [sys.executable, KILL_AT, point, str(step), "cbir_jax.train", *FAST, *OPTS, *extra, f"hydra.run.dir={run}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -44,9 +52,7 @@ def _killed_at(point: str, step: int, run: Path, *extra: str, code: int = -9) ->
 
 
 @pytest.mark.slow
-def test_kill_9_at_several_points_then_resume_logs_exactly_what_the_uninterrupted_run_logged(tmp_path):
-    reference = tmp_path / "reference"
-    _train(reference, *OPTS)
+def test_kill_9_at_several_points_then_resume_logs_exactly_what_the_uninterrupted_run_logged(reference, tmp_path):
     points = [
         ("step", 7),  # inside a logging window: checkpoint 5 holds steps 4-5 of the window that logs at 6
         ("validated", 8),  # right after the validation at the end of epoch 1 reached metrics.jsonl
@@ -63,9 +69,7 @@ def test_kill_9_at_several_points_then_resume_logs_exactly_what_the_uninterrupte
 
 
 @pytest.mark.slow
-def test_sigterm_stops_at_a_step_boundary_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
-    reference = tmp_path / "reference"
-    _train(reference, *OPTS)
+def test_sigterm_stops_at_a_step_boundary_keeps_the_checkpoint_and_says_how_to_resume(reference, tmp_path):
     run = tmp_path / "run"
     out = _killed_at("sigterm", 11, run, code=143)
     lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
@@ -90,9 +94,10 @@ def _one_line_error(out: subprocess.CompletedProcess, code: int = 2) -> str:
 
 
 @pytest.mark.slow
-def test_a_resume_that_cannot_read_the_saved_config_is_refused_and_leaves_it_untouched(tmp_path):
+def test_a_resume_that_cannot_read_the_saved_config_is_refused_and_leaves_it_untouched(reference, tmp_path):
     run = tmp_path / "run"
-    _killed_at("step", 12, run)
+    shutil.copytree(reference, run)
+    (run / "model.json").unlink()  # an unfinished run: its checkpoints wait for a resume
     saved = run / ".hydra" / "config.yaml"
     for content, expected in [(b"data: {name: [embedded\n\xff", "is damaged"), (None, "is missing")]:
         if content is None:
