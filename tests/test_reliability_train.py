@@ -1,7 +1,6 @@
 """Training faults: divergence, resume into a finished or different run, kill -9, Ctrl-C, duplicate logs."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
