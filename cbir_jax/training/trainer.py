@@ -175,8 +175,8 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
         loop = out.get(checkpointing.LOOP_ITEM) or {}
         loss_sum, loss_count = float(loop.get("loss_sum", 0.0)), int(loop.get("loss_count", 0))
         log.info("resumed from step %d of %d", step, total_steps)
-        if keeper is not None:
-            keeper.resume(step, step // steps_per_epoch, {0: initial, step: params}, ckpts)
+    if keeper is not None:  # also a run killed before its first checkpoint, with best.json already written
+        keeper.resume(step, step // steps_per_epoch, {0: initial, step: params}, ckpts)
 
     def validates_after(epochs_done: int) -> bool:
         return epochs_done == 0 or epochs_done % validate_every == 0 or epochs_done == epochs
