@@ -275,7 +275,8 @@ def resolve(run_dir: str | Path, select: str) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(" See full TensorStore details")[0][:200]  # the rest is a repr of a bound method
 
 
 def restore_params(run_dir: str | Path, params_like: Any, which: str = "last") -> Any:
