@@ -169,4 +169,5 @@ def test_one_training_loop() -> None:
     opens them to restore)."""
     assert _calls("make_optimizer") == {"cbir_jax.training.trainer"}
     assert _calls("MetricsLog") == {"cbir_jax.training.trainer"}
-    assert _calls("manager") == {"cbir_jax.training.trainer", "cbir_jax.training.selection", "cbir_jax.training.checkpointing"}
+    assert _calls("Checkpoints") == {"cbir_jax.training.trainer", "cbir_jax.training.selection", "cbir_jax.training.checkpointing"}
+    assert _calls("manager") == {"cbir_jax.training.checkpointing"}  # Orbax's manager only behind `Checkpoints`

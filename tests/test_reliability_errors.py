@@ -34,6 +34,12 @@ from helpers import compose_config
         ("k=0", "k=0 must be >= 1"),
         ("eval.k=0", "eval.k=0 must be >= 1"),
         ("labels.image_size=4", "labels.ssim_win_size=7 must be <= labels.image_size"),
+        ("seed=-1", "seed=-1 must be >= 0"),  # numpy's generators refuse it deep inside, with a traceback
+        ("data.seed=-1", "data.seed=-1 must be >= 0"),
+        ("train.patience=-1", "train.patience=-1 must be >= 1 or null"),  # trained 0 steps and exited 0
+        ("train.patience=0", "train.patience=0 must be >= 1 or null"),
+        ("serve.port=99999", "serve.port=99999 must be in [0, 65535]"),  # an OverflowError from socket
+        ("serve.port=-1", "serve.port=-1 must be in [0, 65535]"),
     ],
 )
 def test_out_of_range_values_fail_at_start_with_one_line(override, message):
@@ -141,3 +147,153 @@ def test_full_disk_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
     known = cli.one_line(OSError(errno.EFBIG, "File too large", str(target)))
     assert known == (f"{target}: File too large", 2)
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="cache_dir=.*afile is a file, not a folder"):
+        to_typed(compose_config(f"cache_dir={afile}"))
+
+
+def test_sigterm_outside_training_is_one_line_and_exit_143(capsys):
+    import os
+    import signal
+    import time
+
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises first
+        raise AssertionError("SIGTERM was not handled")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_or_exit(terminated)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 143 and capsys.readouterr().err == "error: terminated (SIGTERM)\n"
+
+
+def test_a_busy_port_is_one_line():
+    pytest.importorskip("uvicorn")
+    from cbir_jax.serve import server
+
+    taken = server.bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(UserError, match=r"cannot listen on 127.0.0.1:\d+") as e:
+            server.bind("127.0.0.1", taken.getsockname()[1])
+        assert "\n" not in str(e.value)
+    finally:
+        taken.close()
+
+
+def test_orphan_temporary_files_are_removed_by_the_next_writer(tmp_path):
+    import os
+    import time
+
+    from cbir_jax.core import files
+
+    target = tmp_path / "photos.index"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited: its temporary file is an orphan
+    orphan = tmp_path / f".photos.index.{files._HOST}.{dead_pid}.k2j3h4.tmp"
+    orphan.write_bytes(b"\0" * 1_000_000)  # what a kill -9 mid-save leaves
+    live = tmp_path / f".photos.index.{files._HOST}.{os.getpid()}.a1b2c3.tmp"  # a writer still at work
+    live.write_bytes(b"x")
+    old_style = tmp_path / ".photos.index.zx81ab.tmp"  # no process id: an orphan once a day old
+    old_style.write_bytes(b"x")
+    day_ago = time.time() - files.ORPHAN_AGE_S - 60
+    os.utime(old_style, (day_ago, day_ago))
+    recent_old_style = tmp_path / ".photos.index.qq11ww.tmp"
+    recent_old_style.write_bytes(b"x")
+    other = tmp_path / f".other.index.{files._HOST}.{dead_pid}.abcdef.tmp"  # another file's: not ours to remove
+    other.write_bytes(b"x")
+    files.atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert not orphan.exists() and not old_style.exists()
+    assert live.exists() and recent_old_style.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, recent_old_style.name, other.name])
+
+
+def test_file_names_that_are_not_utf8_are_skipped_by_name(tmp_path, caplog):
+    import logging
+    import os
+
+    from faults import image_folder
+    from cbir_jax.core.config import DataConfig
+    from cbir_jax.data import build_dataset
+
+    root = image_folder(tmp_path / "photos", classes=2, per_class=3)
+    bad = os.path.join(os.fsencode(root / "c0"), b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    try:
+        os.rename(os.fsencode(root / "c0" / "0.png"), bad)
+    except OSError:
+        pytest.skip("this file system refuses non-UTF-8 names")
+    with caplog.at_level(logging.WARNING):
+        dataset = build_dataset(DataConfig(name="folder", root=str(root)))
+    assert sorted(dataset.ids) == ["c0/1.png", "c0/2.png", "c1/0.png", "c1/1.png", "c1/2.png"]
+    assert ("c0/caf\\xe9.png", "name is not valid UTF-8") in dataset.skipped
+    assert any("not valid UTF-8" in r.getMessage() for r in caplog.records)
+    assert list(dataset.labels) == [0, 0, 1, 1, 1]
+
+
+def test_an_image_without_pixels_is_refused(tmp_path):
+    from PIL import Image
+
+    from cbir_jax.data import ImageLoadError
+    from cbir_jax.data.base import load_image_file, to_rgb_uint8
+
+    with pytest.raises(ImageLoadError, match="empty image"):
+        to_rgb_uint8(Image.new("RGB", (0, 0)))
+    path = tmp_path / "empty.png"
+    path.write_bytes(_png(0, 5))
+    with pytest.raises(ImageLoadError) as e:  # Pillow already refuses to identify a 0-pixel PNG
+        load_image_file(str(path))
+    assert "\n" not in str(e.value)
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width`x`height` (Pillow will not write a 0-pixel image itself)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_index_refuses_a_bad_k_and_a_bad_add_with_one_line(tmp_path):
+    import cbir_jax
+    from faults import image_folder
+    from cbir_jax.api.index import QueryError
+
+    root = image_folder(tmp_path / "photos", classes=2, per_class=3)
+    index = cbir_jax.Index.build("pixels", root, cache_dir=str(tmp_path / "cache"))
+    query = root / "c0" / "0.png"
+    for k in (0, -3, None, True, 2.5, "3"):  # k=0 used to return one hit silently; None a TypeError
+        with pytest.raises(QueryError, match="k must be an integer >= 1") as e:
+            index.search(query, k=k)
+        assert "\n" not in str(e.value)
+    scores, ids, paths = index.search(query, k=100)  # more than the gallery: capped, as documented
+    assert len(ids) == len(index) == 6
+    for bad in (None, 5, [None], [str(query), 7]):
+        with pytest.raises(QueryError, match=r"add\(\) takes"):
+            index.add(bad)
+    assert len(index) == 6
+    with pytest.raises(UserError, match="empty image"):
+        index.search(np.zeros((0, 0, 3), np.uint8))
+
+
+def test_a_reranker_k_beyond_the_rows_is_one_line_before_any_allocation(tmp_path):
+    """head.reranker.k=100000 on 40 rows: the model used to be built for k first (a 40 GB allocation)."""
+    from cbir_jax.training import rerank_training
+
+    cfg = to_typed(compose_config("head=learned_rerank", "head.reranker.k=100000"))
+    rows = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    labels = np.repeat(np.arange(4), 10)
+    with pytest.raises(DataError, match="head.reranker.k=100000: the training episodes hold only") as e:
+        rerank_training.train_reranker(cfg, rows, lambda: labels, rows[:0], None, tmp_path / "run")
+    assert "\n" not in str(e.value)

@@ -61,6 +61,13 @@ class QueryError(UserError):
     """A query that is not an image: a wrong array type or shape, or an empty batch."""
 
 
+def check_k(k: Any) -> int:
+    """`k` as an int >= 1 (a bool, None or 0 is a caller's mistake, not a request for one hit)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise QueryError(f"k must be an integer >= 1, not {k!r}")
+    return int(k)
+
+
 def _one_image(query: Any) -> np.ndarray:
     if isinstance(query, (str, os.PathLike)):
         try:
@@ -303,7 +310,12 @@ class Index:
         The post-processing fitted at build time is kept, so earlier scores do not change; `refit()`
         re-fits it on every row (as building from scratch would).
         """
+        if not isinstance(files, (str, os.PathLike)) and not isinstance(files, Iterable):
+            raise QueryError(f"add() takes an image path or an iterable of paths, not {type(files).__name__}")
         files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+        bad = [f for f in files if not isinstance(f, (str, os.PathLike))]
+        if bad:
+            raise QueryError(f"add() takes image paths, not {type(bad[0]).__name__}")
         root = Path(self._data.root)
         known = set(self._data.paths)
         rel, full = [], []
@@ -374,6 +386,7 @@ class Index:
         gives (B, k), (B, k) and B lists. k is capped at the gallery size. `scorer`: one of `scorers` by name
         (default: the index's own).
         """
+        k = check_k(k)  # before any image is decoded
         images, single = as_images(queries)
         q = self._embed(images)  # decoded once: `embed(images)` would convert each array again
         scores, ids = self.rank(q, k, scorer=scorer)
@@ -386,7 +399,7 @@ class Index:
         gallery's end. `exclude` (B,): a gallery id per query left out of its ranking (a query that is itself
         a gallery row), -1 for none; re-rankers then also treat that row as absent (leave-one-out)."""
         chosen = self.scorers[scorer] if scorer is not None else self.scorer
-        k = max(1, min(int(k), len(self)))
+        k = min(check_k(k), len(self))
         self_index = None if exclude is None else jnp.asarray(exclude, jnp.int32)
         s, i = ranking.top_k(chosen, self.prepared(chosen.name), jnp.asarray(queries, jnp.float32), k=k,
                              chunk=self.chunk, self_index=self_index, exclude_self=exclude is not None)

@@ -10,6 +10,7 @@ failing rules are reported together, on one line, as a `ConfigError`.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 from cbir_jax.core.errors import ConfigError
@@ -47,6 +48,11 @@ def _odd_at_least_3(v: Any) -> bool:
 
 # (dotted key, test, what the value must be). Keys a config lacks (another branch's schema) are skipped.
 RULES: list[tuple[str, Check, str]] = [
+    ("seed", _at_least(0), ">= 0"),
+    ("data.seed", _at_least(0), ">= 0"),
+    ("data.split.seed", _at_least(0), ">= 0"),
+    ("train.patience", _optional(_at_least(1)), ">= 1 or null"),
+    ("serve.port", lambda v: v is not None and 0 <= v <= 65535, "in [0, 65535]"),
     ("train.learning_rate", _positive, "> 0"),
     ("train.epochs", _at_least(1), ">= 1"),
     ("train.batch_size", _at_least(1), ">= 1"),
@@ -120,9 +126,17 @@ def problems(cfg: Any) -> list[str]:
     return out
 
 
+def _path_problems(cfg: Any) -> list[str]:
+    """Paths that must be folders: a file there fails much later, with a traceback from deep inside."""
+    cache = _get(cfg, "cache_dir")
+    if isinstance(cache, str) and Path(cache).expanduser().exists() and not Path(cache).expanduser().is_dir():
+        return [f"cache_dir={cache} is a file, not a folder"]
+    return []
+
+
 def validate(cfg: Any) -> Any:
     """Returns `cfg` unchanged, or raises one `ConfigError` naming every value out of its range."""
-    found = problems(cfg)
+    found = problems(cfg) + _path_problems(cfg)
     if found:
         raise ConfigError("; ".join(found))
     return cfg

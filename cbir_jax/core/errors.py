@@ -36,5 +36,11 @@ class Interrupted(UserError):
     exit_code = 130  # the shell's convention for SIGINT, so scripts and sweepers can tell it apart
 
 
+class Terminated(Interrupted):
+    """SIGTERM (what SLURM and Kubernetes send before killing a job): handled as Ctrl-C is."""
+
+    exit_code = 143  # 128 + SIGTERM, what the job would have exited with unhandled
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file the config names does not exist (e.g. `backbone.weights=PATH`)."""

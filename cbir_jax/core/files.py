@@ -3,15 +3,60 @@
 A fixed temporary name (`x.tmp`) is shared by every process writing `x`, so two builders overwrite and
 then rename each other's file; `mkstemp` gives each writer its own. A failed write (full disk,
 permissions) removes its temporary file, leaves the previous file as it was, and names the path.
+
+A kill -9 mid-write leaves its temporary file behind (an index can be 100+ MB). Each temporary name holds
+the writer's host and process id, so the next writer of the same file removes those whose process is gone
+(on this host), and any older than a day (another host's, or a name without a process id).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+log = logging.getLogger(__name__)
+ORPHAN_AGE_S = 24 * 3600  # a temporary file whose writer cannot be checked is an orphan after this long
+_HOST = socket.gethostname().replace(os.sep, "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_orphans(path: Path) -> list[Path]:
+    """Removes the temporary files of `path` that killed writers left; returns them."""
+    prefix = f".{path.name}."
+    removed = []
+    for name in glob.glob(glob.escape(str(path.parent / prefix)) + "*.tmp"):
+        tmp = Path(name)
+        parts = tmp.name[len(prefix):-len(".tmp")].rsplit(".", 2)  # host, pid, mkstemp's random part
+        try:
+            age = time.time() - tmp.stat().st_mtime
+            if len(parts) == 3 and parts[1].isdigit() and parts[0] == _HOST:
+                orphan = not _alive(int(parts[1]))
+            else:
+                orphan = age > ORPHAN_AGE_S
+            if orphan:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # gone already (its writer finished), or not ours to remove
+            continue
+    if removed:
+        log.info("removed %d temporary file(s) left by killed writers of %s", len(removed), path)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], mode: int = 0o644) -> Path:
@@ -19,7 +64,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], mod
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        remove_orphans(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

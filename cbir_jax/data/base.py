@@ -69,8 +69,11 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     """Converts any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1) to uint8 RGB.
 
     Alpha is composited on white; 16-bit and float images are rescaled from their own value range,
-    since their nominal range (0..65535) rarely matches the data.
+    since their nominal range (0..65535) rarely matches the data. An image without pixels is refused: it
+    would rank as an arbitrary top-k.
     """
+    if image.width == 0 or image.height == 0:
+        raise ImageLoadError(f"an empty image ({image.width}x{image.height} pixels)")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -104,6 +107,8 @@ def decode_image(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return pil_to_rgb(image)
+    except ImageLoadError:
+        raise
     except Exception as e:  # noqa: BLE001  (see the docstring)
         message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")
         raise ImageLoadError(message.splitlines()[0][:200]) from None  # PIL names the in-memory buffer

@@ -17,6 +17,16 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
+def _utf8(path: Path) -> bool:
+    """Whether a file name can be written as text (JSON caches and index files, logs, the search page); a
+    name of undecodable bytes shows up as lone surrogates and cannot."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _members(class_dir: Path) -> tuple[list[Path], str]:
     """The class's image files (hidden ones excluded), or a reason the folder contributes none."""
     try:
@@ -41,6 +51,9 @@ def build(cfg) -> ImageDataset:
     class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not _is_hidden(d)), key=lambda d: d.name)
     loose = sorted(f for f in root.iterdir() if f.is_file() and not _is_hidden(f))
     skipped = []
+    undecodable = [d for d in class_dirs + loose if not _utf8(d)]
+    class_dirs = [d for d in class_dirs if _utf8(d)]
+    loose = [f for f in loose if _utf8(f)]
     if class_dirs and loose:  # e.g. a README beside the class folders: belongs to no class
         skipped = [(f.name, "loose file beside class folders (belongs to no class)") for f in loose]
         for name, reason in skipped:
@@ -65,6 +78,13 @@ def build(cfg) -> ImageDataset:
         class_dirs = kept_dirs
     else:
         files = loose
+    undecodable += [f for f in files if not _utf8(f)]
+    if undecodable:  # skipped by name (escaped), as unreadable images are
+        names = [ascii(os.fsencode(p.relative_to(root)))[2:-1] for p in undecodable]
+        log.warning("skipped %d file or folder names that are not valid UTF-8: %s", len(names), ", ".join(names[:5]))
+        skipped += [(n, "name is not valid UTF-8") for n in names]
+        keep = [i for i, f in enumerate(files) if _utf8(f)]
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     if not files:
         raise DataError(f"data.root={cfg.root}: no files found")
     ids = [str(f.relative_to(root)) for f in files]

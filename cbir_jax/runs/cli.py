@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbir_jax.core.config import Config
 from cbir_jax.core.config_checks import validate
-from cbir_jax.core.errors import ConfigError, Interrupted, UserError
+from cbir_jax.core.errors import CheckpointError, ConfigError, Interrupted, Terminated, UserError
 
 T = TypeVar("T")
 # OS errors a user's environment causes (a path that is missing, not writable, or on a full disk): one line
@@ -44,6 +45,16 @@ def run_or_exit(fn: Callable[[], T]) -> T:
     """
     # Orbax narrates every save at INFO through absl; keep the run log about the run.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    for name in ("absl", "asyncio"):
+        if not any(isinstance(f, _OrbaxReRaises) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_OrbaxReRaises())
+    if not getattr(sys.excepthook, "quiet_closed_loop", False):
+        sys.excepthook = _quiet_closed_loop(sys.excepthook)
+        previous_unraisable = sys.unraisablehook
+        sys.unraisablehook = lambda u: None if _closed_loop(u.exc_type, u.exc_value) else previous_unraisable(u)
+    # A log file on a full disk must not print a traceback per record: the error itself is reported.
+    logging.raiseExceptions = False
+    _sigterm_raises()
     try:
         return fn()
     except (UserError, OSError, KeyboardInterrupt) as e:
@@ -51,6 +62,52 @@ def run_or_exit(fn: Callable[[], T]) -> T:
         if known is None or os.environ.get("CBIR_JAX_DEBUG"):
             raise
         exit_with(*known)
+
+
+class _OrbaxReRaises(logging.Filter):
+    """Drops Orbax's tracebacks of background save failures (a full disk gives a dozen): Orbax re-raises
+    the same exception in the main thread, where it is reported once (one line, or a traceback if a bug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info:
+            return True
+        if "orbax" in record.pathname:
+            return False
+        # asyncio's "Task exception was never retrieved" for Orbax's other writes of the same failed save
+        from cbir_jax.training.checkpointing import disk_full
+
+        return not (record.name == "asyncio" and record.exc_info[1] is not None and disk_full(record.exc_info[1]))
+
+
+def _closed_loop(kind: Any, value: Any) -> bool:
+    return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
+def _quiet_closed_loop(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """TensorStore reports, through sys.excepthook, each write still pending when a failed Orbax save
+    closes its event loop ("Event loop is closed"); the save's error itself is reported once."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not _closed_loop(kind, value):
+            previous(kind, value, tb)
+
+    hook.quiet_closed_loop = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _sigterm_raises() -> None:
+    """SIGTERM (SLURM, Kubernetes) becomes `Terminated`: one line and exit 143, as Ctrl-C is one line and 130.
+    Training replaces this with a flag it reads at each step boundary (`trainer.train`)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, handle)
 
 
 def exit_with(message: str, code: int) -> None:
@@ -95,12 +152,17 @@ class RunGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from cbir_jax.runs import lifecycle
 
+        app = str(config.hydra.job.name)
         try:
-            lifecycle.check_output_dir(Path(str(config.hydra.run.dir)), config, app=str(config.hydra.job.name))
-        except (UserError, OSError) as e:
+            checkpoint = config.get("checkpoint")
+            if checkpoint and app != "train" and not Path(str(checkpoint)).is_dir():  # before Hydra makes <it>/eval/
+                raise CheckpointError(f"checkpoint={checkpoint}: no such run folder")
+            lifecycle.check_output_dir(Path(str(config.hydra.run.dir)), config, app=app)
+        except Exception as e:  # fail closed: Hydra would turn an exception here into a warning and go on
             known = one_line(e)
             if known is None or os.environ.get("CBIR_JAX_DEBUG"):
-                raise
+                traceback.print_exc()  # a bug in the guard keeps its traceback, and still stops the command
+                sys.exit(1)
             exit_with(*known)
 
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -60,9 +61,35 @@ def _typed_dict(cfg: DictConfig) -> dict[str, Any]:
 
 def resume_differences(saved: DictConfig, now: DictConfig) -> list[str]:
     """The keys (outside RESUME_MAY_CHANGE) whose values differ between a run's saved config and today's."""
-    a, b = dict(_flat(_typed_dict(saved))), dict(_flat(_typed_dict(now)))
+    try:
+        a = dict(_flat(_typed_dict(saved)))
+    except OmegaConfBaseException as e:  # e.g. an interpolation that no longer resolves
+        raise RunDirError(f"cannot resume: the run's saved .hydra/config.yaml does not resolve ({_first_line(e)})") from None
+    b = dict(_flat(_typed_dict(now)))
     may = lambda key: any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)  # noqa: E731
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if not may(k) and a.get(k) != b.get(k)]
+
+
+def saved_config(run_dir: Path) -> DictConfig:
+    """A run's `.hydra/config.yaml`, what a resume is checked against. Missing or unreadable, the resume is
+    refused (one line) and the file left exactly as it is: it is the only record of how the run was trained."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"cannot resume {run_dir}: {path} is missing, so the resume cannot be checked against "
+                          "the run's settings; restore it or train into a new hydra.run.dir")
+    try:
+        saved = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RunDirError(f"cannot resume {run_dir}: {path} is damaged ({_first_line(e)}); it is left as it is: "
+                          "restore it or train into a new hydra.run.dir") from None
+    if not isinstance(saved, DictConfig):
+        raise RunDirError(f"cannot resume {run_dir}: {path} is damaged (not a mapping); it is left as it is: "
+                          "restore it or train into a new hydra.run.dir")
+    return saved
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 def check_output_dir(out_dir: Path, cfg: DictConfig, app: str) -> None:
@@ -75,15 +102,13 @@ def check_output_dir(out_dir: Path, cfg: DictConfig, app: str) -> None:
     if app == "train" and has_checkpoints(out_dir):
         if not cfg.train.resume:
             raise RunDirError(f"{out_dir} already holds checkpoints; pass train.resume=true to continue them")
-        saved = out_dir / ".hydra" / "config.yaml"
-        if saved.exists():
-            diff = resume_differences(OmegaConf.load(saved), cfg)
-            if diff:
-                more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
-                raise RunDirError(
-                    f"train.resume=true does not fit {out_dir}: {'; '.join(diff[:3])}{more}; "
-                    "resume with the run's own settings or train into a new hydra.run.dir"
-                )
+        diff = resume_differences(saved_config(out_dir), cfg)
+        if diff:
+            more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise RunDirError(
+                f"train.resume=true does not fit {out_dir}: {'; '.join(diff[:3])}{more}; "
+                "resume with the run's own settings or train into a new hydra.run.dir"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-probe-")

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cbir_jax.core.errors import CheckpointError
 from cbir_jax.backbones import Backbone, build_backbone
@@ -36,10 +38,15 @@ def load_trained(run: Path, cfg_now: DictConfig, overridden: frozenset[str] = fr
     if not saved_path.exists():
         raise CheckpointError(f"checkpoint={run}: no .hydra/config.yaml; not a cbir_jax run directory")
     info = checkpointing.read_model_info(run)
-    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved_path))
-    for key in set(_RUNTIME_KEYS) | set(overridden):
-        saved[key] = cfg_now[key]
-    return validate(OmegaConf.to_object(saved)), info
+    try:
+        saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved_path))
+        for key in set(_RUNTIME_KEYS) | set(overridden):
+            saved[key] = cfg_now[key]
+        typed = OmegaConf.to_object(saved)
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{saved_path} is damaged ({first})") from None
+    return validate(typed), info
 
 
 def check_backbone(run: Path, info: dict[str, Any], backbone: Backbone) -> None:

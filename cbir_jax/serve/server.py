@@ -12,9 +12,11 @@ from typing import Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from cbir_jax.core.errors import UserError
 
-class ServeError(ValueError):
-    """The page cannot start (e.g. the port is taken); its message is one line."""
+
+class ServeError(UserError, ValueError):
+    """The page cannot start (e.g. the port is taken); its message is one line (a UserError: exit 2)."""
 
 
 def bind(host: str, port: int) -> socket.socket:

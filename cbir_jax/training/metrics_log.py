@@ -7,6 +7,7 @@ what is kept, so TensorBoard shows each step once, as metrics.jsonl does (`tenso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -91,8 +92,11 @@ class MetricsLog:
             self._add_scalars(record)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: one line naming the file (cli.run_or_exit)
+            raise type(e)(e.errno, e.strerror, str(self.run_dir / METRICS_LOG)) from None
         self._add_scalars(record)
 
     def _add_scalars(self, record: dict[str, Any]) -> None:
@@ -100,8 +104,16 @@ class MetricsLog:
             self._writer.add_scalar(tag, value, global_step=record["step"])
 
     def close(self) -> None:
-        self._file.close()
-        self._writer.close()
+        with contextlib.suppress(OSError):  # every record was flushed when written
+            self._file.close()
+        try:
+            self._writer.close()
+        except OSError as e:  # a full disk: the event files are a view, rebuilt from metrics.jsonl on resume
+            log.warning("%s: TensorBoard events not written (%s)", self.run_dir / TENSORBOARD_DIR, e.strerror)
+            for writer in getattr(self._writer, "all_writers", {}).values():  # tensorboardX's, left as closed:
+                with contextlib.suppress(Exception):  # its worker stops and its exit hook does not flush again
+                    writer.event_writer._worker.stop()
+                writer.event_writer._closed = True
 
     def __enter__(self) -> "MetricsLog":
         return self

@@ -124,9 +124,9 @@ def train_reranker(
     """Trains on episodes of the training rows in the one training loop (`trainer.train`); returns the
     `eval.select` parameters (best on validation, where there are enough validation rows) and a summary."""
     spec = cfg.head.reranker
+    source = EpisodeBatches.build(cfg, train_x, train_labels)  # checks k against the rows before allocating for it
     model = learned_rerank.build_model(spec)
     params = learned_rerank.init_params(model, spec, jax.random.key(cfg.seed))
-    source = EpisodeBatches.build(cfg, train_x, train_labels)
 
     def make_scorer(p):
         return learned_rerank.learned_scorer(model, p, spec, cfg.head.name)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -26,10 +28,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cbir_jax.core.errors import CheckpointError, DivergedError, Interrupted
+from cbir_jax.core.errors import CheckpointError, DivergedError, Interrupted, Terminated
 from cbir_jax.labels import pair_labels
 from cbir_jax.training import checkpointing, curves, guards, optim, pairs, selection
-from cbir_jax.training.metrics_log import MetricsLog
+from cbir_jax.training.metrics_log import MetricsLog, read_records
 
 log = logging.getLogger(__name__)
 
@@ -100,24 +102,56 @@ def train(
     """Trains `params` for `train.epochs` epochs of `source`; returns the final parameters (the best ones
     are on disk with `keeper`).
 
-    Ctrl-C and divergence stop it with one line, after any checkpoint being written has completed.
+    Ctrl-C, SIGTERM (what SLURM and Kubernetes send) and divergence stop it with one line, after any
+    checkpoint being written has completed; SIGTERM waits for the step in progress to end.
     """
-    state: dict[str, Any] = {}  # the loop's manager and step, for the messages below
-    try:
-        return _train(cfg, params, source, make_step, Path(run_dir), state, keeper, validate_every, title)
-    except (KeyboardInterrupt, DivergedError) as e:
-        if "mngr" not in state:
+    state: dict[str, Any] = {}  # the loop's checkpoints and step, for the messages below
+    with _sigterm_stops(state):
+        try:
+            return _train(cfg, params, source, make_step, Path(run_dir), state, keeper, validate_every, title)
+        except (KeyboardInterrupt, DivergedError, Terminated) as e:
+            if "ckpts" not in state:
+                raise
+            state["progress"].close()  # ends the bar's line: the error is a line of its own
+            state["ckpts"].wait()  # an async save in flight completes and is committed: checkpoints stay consistent
+            last = state["ckpts"].latest_intact_step()
+            kept = f"last checkpoint: step {last}" if last is not None else "no checkpoint yet"
+            if isinstance(e, DivergedError):
+                raise DivergedError(f"{e}; {kept} (kept in {run_dir / 'checkpoints'})") from None
+            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            cls = Terminated if isinstance(e, Terminated) else Interrupted
+            raise cls(
+                f"{how} at step {state['step']} ({kept}); resume with train.resume=true hydra.run.dir={run_dir}"
+            ) from None
+        except CheckpointError:  # e.g. a full disk: the message starts on a line of its own
+            if "progress" in state:
+                state["progress"].close()
             raise
-        state["progress"].close()  # ends the bar's line: the error is a line of its own
-        state["mngr"].wait_until_finished()  # an async save in flight completes: checkpoints stay consistent
-        state["mngr"].reload()  # steps finalised by the wait are not in its cached list yet
-        last = state["mngr"].latest_step()
-        kept = f"last checkpoint: step {last}" if last is not None else "no checkpoint yet"
-        if isinstance(e, DivergedError):
-            raise DivergedError(f"{e}; {kept} (kept in {run_dir / 'checkpoints'})") from None
-        raise Interrupted(
-            f"interrupted at step {state['step']} ({kept}); resume with train.resume=true hydra.run.dir={run_dir}"
-        ) from None
+
+
+class _sigterm_stops:
+    """While training, SIGTERM sets a flag the loop reads after each step (so it stops at a step boundary
+    and the checkpoint in flight completes), instead of killing the process mid-write."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+        self.previous: Any = None
+
+    def __enter__(self) -> None:
+        self.state["stop"] = False
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.state["stop"] = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _logged_validation(run_dir: Path, step: int) -> bool:
+    return any(r.get("step") == step and "best_step" in r for r in read_records(run_dir))
 
 
 def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: dict[str, Any], keeper,
@@ -129,28 +163,39 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
     opt_state = tx.init(params)
     step_fn = make_step(tx)
 
-    mngr = checkpointing.manager(run_dir, cfg.train.max_to_keep)
+    initial = params
+    ckpts = checkpointing.Checkpoints(run_dir, max_to_keep=cfg.train.max_to_keep)
     step = 0
-    if cfg.train.resume and mngr.latest_step() is not None:
-        params, train_state = checkpointing.restore_all(mngr, params, {"opt_state": opt_state, "step": jnp.asarray(0)}, run_dir)
-        opt_state, step = train_state["opt_state"], int(train_state["step"])
-        log.info("resumed from step %d of %d", step, total_steps)
-    elif mngr.latest_step() is not None:
+    loss_sum, loss_count = 0.0, 0  # the logging window in progress (saved with each checkpoint: exact logs)
+    if ckpts.steps() and not cfg.train.resume:
         raise CheckpointError(f"{run_dir} already holds checkpoints; pass train.resume=true to continue them")
+    if ckpts.steps():
+        step, out = ckpts.restore({"params": params, "train_state": {"opt_state": opt_state, "step": jnp.asarray(0)}})
+        params, opt_state = out["params"], out["train_state"]["opt_state"]
+        loop = out.get(checkpointing.LOOP_ITEM) or {}
+        loss_sum, loss_count = float(loop.get("loss_sum", 0.0)), int(loop.get("loss_count", 0))
+        log.info("resumed from step %d of %d", step, total_steps)
+    if keeper is not None:  # also a run killed before its first checkpoint, with best.json already written
+        keeper.resume(step, step // steps_per_epoch, {0: initial, step: params}, ckpts)
 
     def validates_after(epochs_done: int) -> bool:
         return epochs_done == 0 or epochs_done % validate_every == 0 or epochs_done == epochs
 
+    def save(at: int) -> None:
+        ckpts.save(at, {"params": params, "train_state": {"opt_state": opt_state, "step": jnp.asarray(at)}},
+                   loop={"loss_sum": loss_sum, "loss_count": loss_count})
+
     lr = optim.learning_rate_schedule(cfg.train, total_steps)
     with MetricsLog(run_dir, keep_up_to=step) as metrics:  # each step once, also after a resume
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
-        state.update(mngr=mngr, step=step, progress=progress)
-        loss_sum, loss_count = 0.0, 0
+        state.update(ckpts=ckpts, step=step, progress=progress)
         done = step // steps_per_epoch
-        if (keeper is not None and step % steps_per_epoch == 0 and validates_after(done)
-                and not keeper.already_validated(step)):
+        if keeper is not None and step % steps_per_epoch == 0 and validates_after(done):
             # the starting point is a candidate too: a residual head that training only hurts keeps its base metric
-            metrics.write({"step": step, "epoch": done, **keeper.validate(step, done, params)})
+            if not keeper.already_validated(step):
+                metrics.write({"step": step, "epoch": done, **keeper.validate(step, done, params)})
+            elif not _logged_validation(run_dir, step):  # killed between best.json and its log record
+                metrics.write(keeper.record_of(step))
         stopped = keeper is not None and keeper.selection.should_stop(cfg.train.patience)
         while step < total_steps and not stopped:
             epoch, offset = divmod(step, steps_per_epoch)
@@ -170,8 +215,12 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
                     loss_sum, loss_count = 0.0, 0
                 if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
                     guards.check_params(step, params)
-                    checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
+                    save(step)
+                ckpts.commit()
+                if state["stop"]:
+                    raise Terminated("SIGTERM")
             if keeper is not None and validates_after(epoch + 1):
+                ckpts.wait()  # the step validated is committed first: best.json never runs ahead of checkpoints/
                 metrics.write({"step": step, "epoch": epoch + 1, **keeper.validate(step, epoch + 1, params)})
                 stopped = keeper.selection.should_stop(cfg.train.patience)
                 if stopped:
@@ -179,10 +228,10 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
                              epoch + 1, keeper.metric, cfg.train.patience, keeper.selection.best_step)
         progress.close()
     curves.write_curves(run_dir, title=title)
-    if mngr.latest_step() != step:  # e.g. a resumed run that was already complete
-        checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
-    mngr.wait_until_finished()
-    mngr.close()
+    ckpts.wait()
+    if ckpts.latest_intact_step() != step:  # e.g. a resumed run that was already complete
+        save(step)
+    ckpts.close()
     if keeper is not None:
         keeper.close()
     return params
