@@ -34,6 +34,7 @@ SplitBy = choice("SplitBy", "class", "image", "none")
 Resize = choice("Resize", "squash", "center_crop")
 DType = choice("DType", "float32", "bfloat16", "float16")
 Whiten = choice("Whiten", "none", "pca", "pca_whiten")
+Storage = choice("Storage", "float32", "float16")  # features.storage: dtype of the on-disk feature store
 Transform = choice("Transform", "rank", "minmax", "none")
 Activation = choice("Activation", "relu", "gelu", "silu", "tanh")
 HeadRerank = choice("HeadRerank", "none", "alpha_qe", "dba_alpha_qe", "diffusion")
@@ -68,6 +69,10 @@ class DataConfig:
     max_per_class: Optional[int] = None
     tfds_split: str = "train"
     tfds_data_dir: Optional[str] = None
+    # Decode processes running beside the backbone (cbir_jax/data/pipeline.py); None: one per core for 512+
+    # images, 0: decode in the main process. An image that takes longer than decode_timeout_s is skipped.
+    workers: Optional[int] = None
+    decode_timeout_s: float = 60.0
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
 
 
@@ -93,6 +98,12 @@ class FeaturesConfig:
     whiten: Whiten = Whiten.none
     whiten_dim: Optional[int] = None
     cache: bool = True
+    # The on-disk feature store (cbir_jax/features/store.py): dtype of the stored features (float16 halves
+    # the disk and page cache; recall@10 in benchmarks/results), rows per shard, and an explicit folder
+    # (None: one under cache_dir per data source and backbone).
+    storage: Storage = Storage.float32
+    shard_rows: int = 4096
+    store: Optional[str] = None
 
 
 @dataclasses.dataclass
