@@ -104,6 +104,13 @@ class FeaturesConfig:
     storage: Storage = Storage.float32
     shard_rows: int = 4096
     store: Optional[str] = None
+    # python -m cbir_jax.extract on many processes (docs/scale.md): jax.distributed.initialize() with these
+    # (None: detected from SLURM / Open MPI); a process that does not reach a barrier in time fails the rest.
+    distributed: bool = False
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    barrier_timeout_s: float = 600.0
 
 
 @dataclasses.dataclass

@@ -70,6 +70,7 @@ RULES: list[tuple[str, Check, str]] = [
     ("backbone.rmac_levels", _at_least(1), ">= 1"),
     ("features.whiten_dim", _optional(_at_least(1)), ">= 1 or null"),
     ("features.shard_rows", _at_least(1), ">= 1"),
+    ("features.barrier_timeout_s", _positive, "> 0"),
     ("data.workers", _optional(_at_least(0)), ">= 0 or null"),
     ("data.decode_timeout_s", _positive, "> 0"),
     ("labels.image_size", _at_least(1), ">= 1"),
