@@ -160,7 +160,8 @@ def decode_stream(
 
 
 def _culprits(items, position: int, marks: str, decode: _Decode, timeout_s: float) -> dict[int, str]:
-    """Images in flight when a worker died, each confirmed alone in a fresh worker: {index: reason}."""
+    """Images in flight when a worker died: {index: reason}. With several in flight (grain stops every worker
+    when one dies), each is tried alone in a fresh worker, and only those that kill or hang it are blamed."""
     in_flight = set()
     for f in Path(marks).iterdir():
         try:
@@ -170,6 +171,9 @@ def _culprits(items, position: int, marks: str, decode: _Decode, timeout_s: floa
         if p >= position:
             in_flight.add(p)
         f.unlink()
+    reason = f"killed or hung its decode worker (limit {timeout_s:g} s an image)"
+    if len(in_flight) == 1:  # the only image being decoded when the worker died: no need to try it again
+        return {items[in_flight.pop()][1]: reason}
     found = {}
     for p in sorted(in_flight):
         _, index, _ = items[p]
@@ -179,7 +183,7 @@ def _culprits(items, position: int, marks: str, decode: _Decode, timeout_s: floa
         except RuntimeError as e:
             if _WORKER_DIED not in str(e):
                 raise
-            found[index] = f"killed or hung its decode worker (limit {timeout_s:g} s an image)"
+            found[index] = reason
         for f in Path(marks).iterdir():
             f.unlink()
     return found
