@@ -75,7 +75,7 @@ class Item:
 def dataset_items(dataset: ImageDataset) -> list[Item]:
     """The dataset's images, in its order, with their file size and mtime where they are files."""
     stats = dataset.stats if dataset.stats is not None else [(_NO_FILE, _NO_FILE)] * len(dataset)
-    paths = dataset.ids if dataset.paths is not None else [None] * len(dataset)
+    paths = dataset.ids if dataset.stats is not None else [None] * len(dataset)  # a file's id: its relative path
     return [Item(i, p, int(s), int(m)) for i, p, (s, m) in zip(dataset.ids, paths, stats)]
 
 
@@ -387,6 +387,8 @@ def build_store(
 def _prepare(store: _Store, items: list[Item], index_of: dict, shard_rows: int, verify: bool) -> tuple[int, int]:
     """Under the lock: checks the store, drops gone rows, writes the plan. Returns (removed, kept) rows."""
     root = store.root
+    for tmp in store.shard_dir.glob(".*.tmp"):  # a write cut short by a kill; under the lock, nobody else's
+        tmp.unlink(missing_ok=True)
     existing = _read_json(root / "manifest.json")
     if existing is not None:
         check_backbone(root, existing, store.header["fingerprint"])
