@@ -41,9 +41,11 @@ def test_workers_give_the_same_stream_in_the_same_order(tmp_path):
 
 
 @pytest.mark.slow
-def test_poisoned_images_are_skipped_by_name_and_the_run_goes_on(tmp_path):
+def test_poisoned_images_are_skipped_by_name_and_the_run_goes_on(tmp_path, monkeypatch):
     """A worker killed by an image, and one hung on another (past data.decode_timeout_s): both named."""
-    from cbir_jax.data import ImageDataset
+    from cbir_jax.data import ImageDataset, pipeline
+
+    monkeypatch.setattr(pipeline, "MIN_IMAGES_PER_WORKER", 1)  # workers even for 14 images
 
     n = 14
     dataset = ImageDataset(name="poisoned", ids=[f"img{i:02d}" for i in range(n)], load=poisoned_load, labels=None,

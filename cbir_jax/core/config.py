@@ -69,8 +69,9 @@ class DataConfig:
     max_per_class: Optional[int] = None
     tfds_split: str = "train"
     tfds_data_dir: Optional[str] = None
-    # Decode processes running beside the backbone (cbir_jax/data/pipeline.py); None: one per core for 512+
-    # images, 0: decode in the main process. An image that takes longer than decode_timeout_s is skipped.
+    # Decode processes running beside the backbone (cbir_jax/data/pipeline.py); None: one per core, 0: decode
+    # in the main process (fewer than 128 images a worker always are). An image that takes longer than
+    # decode_timeout_s to decode is skipped.
     workers: Optional[int] = None
     decode_timeout_s: float = 60.0
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
