@@ -124,13 +124,14 @@ def decode_stream(
     paths: Optional[Sequence[str]] = None,
     workers: int = 0,
     timeout_s: float = 60.0,
-    prefetch: int = 8,
+    prefetch: int = 32,
     start: int = 0,
 ) -> Iterator[Decoded]:
     """`transform(image)` of each dataset index in `indices`, in order, decoded by `workers` processes.
 
     Images are read from `paths[index]` when given (workers receive only the paths they need), else through
-    `load(index)` (pickled to each worker). `start` resumes the stream at that position.
+    `load(index)` (pickled to each worker). `start` resumes the stream at that position. `prefetch`: images
+    decoded ahead, over all workers (about a batch: workers keep decoding while the backbone runs).
     """
     if paths is None and load is None:
         raise TypeError("decode_stream needs paths= or load=")
@@ -141,7 +142,7 @@ def decode_stream(
     try:
         while position < len(items):
             decode = _Decode(load, transform, dict(poisoned), marks, timeout_s)
-            it = _iterator(items, position, decode, workers, prefetch)
+            it = _iterator(items, position, decode, workers, max(1, -(-prefetch // max(workers, 1))))
             try:
                 for position_, index, array, error, transient in it:
                     yield Decoded(position_, index, array, error, transient)

@@ -17,9 +17,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
-import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax.core import cache
@@ -27,6 +26,7 @@ from cbir_jax.backbones import Backbone
 from cbir_jax.data import DataError, ImageDataset
 from cbir_jax.data.imageops import resize_square
 from cbir_jax.data.pipeline import auto_workers, decode_stream
+from cbir_jax.features.forward import forward_batches  # noqa: F401  (re-exported: search, Index)
 from cbir_jax.features.store import FeatureStore, build_store
 
 log = logging.getLogger(__name__)
@@ -118,35 +118,6 @@ class FeatureSet:
     def image(self, row: int, size: int = 128) -> np.ndarray:
         """Row's image, reloaded and squashed to size x size (for figures)."""
         return resize_square(self.dataset.load(int(self.keep[row])), size)
-
-
-def forward_batches(backbone: Backbone, images: Iterable[np.ndarray], batch_size: int, *,
-                    preprocessed: bool = False) -> np.ndarray:
-    """Backbone features (N, D) float32 of uint8 HxWx3 images (or of `backbone.preprocess` outputs when
-    `preprocessed`, as decode workers deliver them), `batch_size` at a time.
-
-    `images` may be a generator (a folder is decoded as it is read, never held whole in memory). Every batch
-    is padded to `batch_size` rows, so the jitted forward pass compiles for one shape only.
-    """
-    feats: list[np.ndarray] = []
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        n = len(batch)
-        x = np.stack(batch + [batch[-1]] * (batch_size - n))  # fixed shape: one compilation
-        feats.append(np.asarray(backbone.forward(jnp.asarray(x)))[:n])
-        batch.clear()
-
-    for image in images:
-        batch.append(image if preprocessed else backbone.preprocess(image))
-        if len(batch) == batch_size:
-            flush()
-    flush()
-    return np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, backbone.feature_dim), np.float32)
-
-
 
 
 def store_path(cache_dir: str, dataset: ImageDataset, backbone: Backbone, storage: str) -> Path:

@@ -43,6 +43,7 @@ from cbir_jax.core.errors import UserError
 from cbir_jax.core.files import atomic_write, atomic_write_text
 from cbir_jax.data.base import ImageDataset
 from cbir_jax.data.pipeline import auto_workers, decode_stream
+from cbir_jax.features.forward import forward_batches
 
 log = logging.getLogger(__name__)
 
@@ -358,9 +359,13 @@ def build_store(
             removed, kept = plan["removed"], plan["kept"]
         planned = [_Plan(s["name"], s["items"]) for s in plan["shards"]]
         mine = planned[process_index::process_count]
-        total = sum(len(p.items) for p in planned)
+        if process_count == 1:  # one bar over the whole store: a resumed run starts where the killed one stopped
+            initial, total, desc = kept, kept + sum(len(p.items) for p in planned), backbone.name
+        else:  # each process's bar counts its own share
+            initial, total = 0, sum(len(p.items) for p in mine)
+            desc = f"{backbone.name}, process {process_index}/{process_count}"
         written = _extract_shards(store, mine, dataset, index_of, backbone, batch_size, workers, decode_timeout_s,
-                                  progress, initial=kept, total=kept + total)
+                                  progress, initial=initial, total=total, desc=desc)
         sync("cbir_jax-store-extracted")
         records = store.committed(verify=False)
         if process_index == 0:
@@ -428,31 +433,33 @@ def _prepare(store: _Store, items: list[Item], index_of: dict, shard_rows: int, 
 
 def _extract_shards(store: _Store, shards: list[_Plan], dataset: ImageDataset, index_of: dict, backbone,
                     batch_size: int, workers: Optional[int], timeout_s: float, progress: bool, *,
-                    initial: int, total: int) -> int:
+                    initial: int, total: int, desc: str) -> int:
     """Decodes this process's planned shards in one stream (workers prefetch across shard boundaries),
     forwards each shard in fixed batches, and commits it. Returns the bytes written."""
-    from cbir_jax.features.extract import forward_batches
-
     indices = [index_of[Item.of(r)] for p in shards for r in p.items]
     n_workers = auto_workers(len(indices), workers)
     stream = decode_stream(indices, backbone.preprocess, load=dataset.load, paths=dataset.paths,
-                           workers=n_workers, timeout_s=timeout_s)
-    bar = tqdm(total=total, initial=initial, desc=f"features ({backbone.name})", unit="img", mininterval=2.0,
+                           workers=n_workers, timeout_s=timeout_s, prefetch=2 * batch_size)
+    bar = tqdm(total=total, initial=initial, desc=f"features ({desc})", unit="img", mininterval=2.0,
                disable=not progress, smoothing=0.1)
     written = 0
     try:
         for plan in shards:
-            arrays, rows, skipped, unread = [], [], [], []
-            for row in plan.items:
-                d = next(stream)
-                if d.error:
-                    log.warning("skipped %s: %s", row[0], d.error)
-                    (unread if d.transient else skipped).append([*row, d.error])
-                else:
-                    arrays.append(d.array)
+            rows, skipped, unread = [], [], []
+
+            def decoded(plan: _Plan = plan) -> Iterator[np.ndarray]:
+                """The shard's images as they arrive: only a batch (and the prefetch buffers) in memory."""
+                for row in plan.items:
+                    d = next(stream)
+                    bar.update(1)
+                    if d.error:
+                        log.warning("skipped %s: %s", row[0], d.error)
+                        (unread if d.transient else skipped).append([*row, d.error])
+                        continue
                     rows.append(row)
-                bar.update(1)
-            feats = forward_batches(backbone, iter(arrays), batch_size, preprocessed=True)
+                    yield d.array
+
+            feats = forward_batches(backbone, decoded(), batch_size, preprocessed=True)
             _, size = store.write_shard(plan.name, feats, rows, skipped, unread)
             written += size
     finally:
