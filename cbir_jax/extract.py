@@ -47,9 +47,8 @@ def extract(cfg_dict: DictConfig):
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    path, report, images = run_or_exit(lambda: extract(cfg))
-    print(report.line(images), flush=True)
-    print(f"outputs: {path}", flush=True)
+    path, report, images = run_or_exit(lambda: extract(cfg))  # the summary line is logged by build_store
+    print(f"outputs: {path} ({images} images, {len(report.skipped)} skipped)", flush=True)
 
 
 if __name__ == "__main__":

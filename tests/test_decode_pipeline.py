@@ -52,7 +52,7 @@ def test_poisoned_images_are_skipped_by_name_and_the_run_goes_on(tmp_path, monke
                            class_names=[], content_key="poisoned-v1")
     backbone = build_backbone(BackboneConfig(name="pixels", image_size=4))
     report = build_store(tmp_path / "s", dataset, backbone, shard_rows=4, batch_size=4, workers=2,
-                         decode_timeout_s=2, progress=False)
+                         decode_timeout_s=1, progress=False)
     reasons = dict(report.skipped)
     assert set(reasons) == {"img05", "img09"}
     assert all("killed or hung its decode worker" in r for r in reasons.values())
