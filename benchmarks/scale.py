@@ -394,8 +394,10 @@ def main() -> None:
             rows.append((f"resume: kill -9 at about half of a {args.images}-image build (pixels, shards of "
                          f"{shard_rows}), then the same build again (scaled down from 5k)",
                          f"{r['committed_shards']} shards committed before the kill; the re-run kept {r['kept']} "
-                         f"rows and extracted {r['added']}: work redone **{r['redone']} images** (≤ one shard: "
-                         f"{r['redone'] <= shard_rows}); bit-identical to an uninterrupted build: **{r['identical']}**"))
+                         f"rows and extracted {r['added']}, {r['redone']} more than the uncommitted shards hold: "
+                         f"work redone = only what the killed run had decoded of its one in-flight shard "
+                         f"(≤ {shard_rows} images; not measured inside the killed process); bit-identical to an "
+                         f"uninterrupted build: **{r['identical']}**"))
             say(f"- resume end, load {_load()}")
         if "incremental" not in skip:
             say(f"- incremental start, load {_load()}")
