@@ -231,6 +231,10 @@ def test_store_of_another_backbone_is_one_clear_line(tmp_path):
         with pytest.raises(StoreError) as e:
             attempt()
         assert "built by backbone 'pixels'" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "s" / "manifest.json").unlink()  # as a killed first build leaves it: shard records only
+    with pytest.raises(StoreError, match="built by backbone 'pixels'"):
+        _build(tmp_path / "s", dataset, other)
+    assert not list((tmp_path / "s").rglob("*.bad-*"))  # refused, nothing moved aside
 
 
 def test_undecodable_and_vanished_files_are_skipped_by_name(tmp_path, monkeypatch):

@@ -252,9 +252,13 @@ class _Store:
                 continue
             name, npy = rec.get("name"), self.npy(str(rec.get("name")))
             problem = None
-            if rec.get("format") != FORMAT or rec.get("fingerprint") != self.header["fingerprint"] \
-                    or rec.get("dtype") != self.header["dtype"]:
-                problem = "built for another format, backbone or storage dtype"
+            if rec.get("format") == FORMAT:  # another backbone's or dtype's store is refused, never moved aside
+                check_backbone(self.root, rec, self.header["fingerprint"])
+                if rec.get("dtype") != self.header["dtype"]:
+                    raise StoreError(f"{self.root}: this store holds {rec.get('dtype')} features, not "
+                                     f"features.storage={self.header['dtype']}; use another features.store folder")
+            if rec.get("format") != FORMAT:
+                problem = f"format {rec.get('format')}, expected {FORMAT}"
             elif not npy.is_file():
                 problem = "its .npy is missing"
             elif verify and _sha256_file(npy) != rec["sha256"]:
@@ -273,7 +277,8 @@ class _Store:
         try:
             atomic_write(self.npy(name), lambda f: np.save(f, arr, allow_pickle=False))
             rec = {"format": FORMAT, "name": name, "rows": len(arr), "sha256": _sha256_file(self.npy(name)),
-                   "fingerprint": self.header["fingerprint"], "dtype": self.header["dtype"],
+                   "fingerprint": self.header["fingerprint"], "backbone": self.header["backbone"],
+                   "dtype": self.header["dtype"],
                    "dim": int(arr.shape[1]), "items": items, "skipped": skipped, "unread": unread}
             atomic_write_text(self.record_path(name), json.dumps(rec, sort_keys=True))
         except OSError as e:
