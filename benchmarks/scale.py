@@ -324,6 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="end-to-end, workers and resume rows")
     parser.add_argument("--big", type=int, default=10000, help="memory and incremental rows")
+    parser.add_argument("--e2e-workers", type=int, default=os.cpu_count(), help="our decode workers, end-to-end row")
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip", default="", help="comma-separated rows to leave out: e2e,workers,memory,resume,incremental")
     args = parser.parse_args()
@@ -347,7 +348,8 @@ def main() -> None:
             try:
                 ours = run_process(Side("ours", "benchmarks.scale:side_ours",
                                         {"folder": str(small), "store": str(tmp / "e2e.store"),
-                                         "backbone": "efficientnet_lite0", "workers": os.cpu_count()}, peer=False), 3600)
+                                         "backbone": "efficientnet_lite0", "workers": args.e2e_workers}, peer=False),
+                                   3600)
                 serial = run_process(Side("serial", "benchmarks.scale:side_serial",
                                           {"folder": str(small), "tree": str(tree)}, peer=False), 3600)
                 peer = run_process(Side("torch", "benchmarks.scale:side_torch", {"folder": str(small)}), 3600)
@@ -358,7 +360,7 @@ def main() -> None:
             d_serial = float(np.max(np.abs(ours["arrays"]["features"] - serial["arrays"]["features"])))
             d_torch = float(np.max(np.abs(ours["arrays"]["features"] - peer["arrays"]["features"])))
             rows.append((f"end-to-end extraction, efficientnet_lite0, {args.images} images (scaled down from 20k)",
-                         f"ours {rate['ours']:.1f} img/s ({os.cpu_count()} workers) · today's serial path ({BASELINE}) "
+                         f"ours {rate['ours']:.1f} img/s ({args.e2e_workers} workers) · today's serial path ({BASELINE}) "
                          f"{rate['serial']:.1f} img/s → **{rate['ours'] / rate['serial']:.2f}×** · torch DataLoader "
                          f"peer ({peer['info']['config']}, channels-last, inference_mode) {rate['torch']:.1f} img/s → "
                          f"**{rate['ours'] / rate['torch']:.2f}×** · max |ours − serial| = {d_serial:.1e}, "
@@ -415,7 +417,8 @@ def main() -> None:
             "no GPU lent to this session (no GPU row; none was simulated). Each side ran in its own fresh process, "
             "once (one round: numbers are noisy on a shared machine).",
             "",
-            f"Command: `python -m benchmarks.scale --images {args.images} --big {args.big}` "
+            f"Command: `python -m benchmarks.scale --images {args.images} --big {args.big} "
+            f"--e2e-workers {args.e2e_workers}{' --skip ' + args.skip if args.skip else ''}` "
             f"({(time.time() - started) / 60:.1f} min).",
             "",
             "| row | result |",
