@@ -14,7 +14,7 @@ import cbir_jax
 PACKAGE = Path(cbir_jax.__file__).parent
 # Lower stages never import higher ones (lazy imports inside functions count too).
 LAYERS = ["core", "data", "backbones", "features", "scoring", "labels", "evaluation", "training", "runs", "api"]
-ENTRY_POINTS = {"train", "evaluate", "search", "diagnose", "report", "index", "serve"}
+ENTRY_POINTS = {"train", "evaluate", "search", "diagnose", "report", "index", "serve", "extract"}
 
 
 def _modules() -> list[str]:

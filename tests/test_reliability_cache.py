@@ -15,7 +15,8 @@ from cbir_jax.backbones import weights
 from cbir_jax.runs.cli import to_typed
 from cbir_jax.data import ImageReadError, build_dataset
 from cbir_jax.data import base
-from cbir_jax.features.extract import cache_path, extract_features
+from cbir_jax.features.extract import extract_features, store_path
+from cbir_jax.features.store import FeatureStore
 
 from faults import image_folder, read_only
 from helpers import compose_config
@@ -25,7 +26,7 @@ def _features(root: Path, cache_dir: Path, **kw):
     cfg = to_typed(compose_config("data=folder", f"data.root={root}", "backbone.image_size=8"))
     dataset, backbone = build_dataset(cfg.data), build_backbone(cfg.backbone)
     fs = extract_features(dataset, backbone, thumb_size=8, cache_dir=str(cache_dir), batch_size=4, **kw)
-    return fs, cache_path(str(cache_dir), dataset, backbone, 8)
+    return fs, store_path(str(cache_dir), dataset, backbone, "float32")
 
 
 def _truncate(path: Path) -> None:
@@ -39,35 +40,31 @@ def _bit_flip(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_truncate, _bit_flip])
-def test_damaged_feature_cache_is_moved_aside_and_rebuilt(tmp_path, caplog, damage):
+def test_damaged_feature_shard_is_moved_aside_and_rebuilt(tmp_path, caplog, damage):
     root = image_folder(tmp_path / "data")
     first, path = _features(root, tmp_path / "cache")
-    damage(path)
+    shard = path / "shards" / "000000.npy"
+    damage(shard)
     with caplog.at_level(logging.WARNING, logger="cbir_jax.core.cache"):
         again, _ = _features(root, tmp_path / "cache")
     np.testing.assert_array_equal(again.features, first.features)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and path.name in warnings[0] and "\n" not in warnings[0]
-    aside = list(path.parent.glob(path.name + ".bad-*"))
-    assert len(aside) == 1  # kept for inspection, never deleted
-    cache.read(path, _key_of(path))  # the rebuilt file is sound (hash and format check out)
+    assert len(warnings) == 1 and shard.name in warnings[0] and "\n" not in warnings[0]
+    aside = sorted(p.name for p in shard.parent.glob("000000.*.bad-*"))
+    assert len(aside) == 2  # the shard and its record, kept for inspection, never deleted
+    assert FeatureStore.open(path).verify() == []  # the rebuilt shard is sound
 
 
-def _key_of(path: Path) -> str:
-    with np.load(path) as z:
-        return str(z["__cbir_jax_key__"])
-
-
-def test_another_datasets_cache_copied_into_place_is_not_trusted(tmp_path, caplog):
+def test_another_datasets_shard_copied_into_place_is_not_trusted(tmp_path, caplog):
     small = image_folder(tmp_path / "small", classes=2, per_class=2)
     big = image_folder(tmp_path / "big", classes=4, per_class=3, seed=1)
     _, small_path = _features(small, tmp_path / "cache")
     _, big_path = _features(big, tmp_path / "cache")
-    big_path.write_bytes(small_path.read_bytes())  # a cache file copied over another
-    with caplog.at_level(logging.WARNING, logger="cbir_jax.core.cache"):
-        fs, _ = _features(big, tmp_path / "cache")
-    assert len(fs) == 12  # all of the big folder, not the 4 images of the copied file
-    assert any("key mismatch" in r.getMessage() for r in caplog.records)
+    for suffix in (".npy", ".json"):  # a shard copied over another, with its own (valid) record
+        (big_path / "shards" / f"000000{suffix}").write_bytes((small_path / "shards" / f"000000{suffix}").read_bytes())
+    fs, _ = _features(big, tmp_path / "cache")
+    assert len(fs) == 12  # all of the big folder, not the 4 images of the copied shard
+    assert set(fs.ids) == {f"c{c}/{i}.png" for c in range(4) for i in range(3)}
 
 
 def test_damaged_weights_cache_is_rebuilt(tmp_path, monkeypatch):

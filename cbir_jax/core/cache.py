@@ -70,9 +70,15 @@ def read(path: str | os.PathLike, key: str) -> Arrays:
     return arrays
 
 
-def move_aside(path: Path, reason: str) -> None:
-    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+def move_aside(path: Path, reason: str, *, companions: tuple[Path, ...] = ()) -> None:
+    """Renames a damaged file to `<name>.bad-<time>-<pid>` (kept for inspection) with one warning line;
+    `companions` (e.g. a feature-store shard's commit record) are moved with it under the same suffix."""
+    suffix = f".bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    aside = path.with_name(f"{path.name}{suffix}")
     try:
+        for other in companions:
+            if other.exists():
+                os.replace(other, other.with_name(f"{other.name}{suffix}"))
         os.replace(path, aside)
         log.warning("cache file %s is damaged (%s): moved to %s, rebuilding", path, reason, aside.name)
     except OSError as e:

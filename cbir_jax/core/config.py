@@ -37,6 +37,7 @@ SplitBy = choice("SplitBy", "class", "image", "none")
 Resize = choice("Resize", "squash", "center_crop")
 DType = choice("DType", "float32", "bfloat16", "float16")
 Whiten = choice("Whiten", "none", "pca", "pca_whiten")
+Storage = choice("Storage", "float32", "float16")  # features.storage: dtype of the on-disk feature store
 Transform = choice("Transform", "rank", "minmax", "none")
 Activation = choice("Activation", "relu", "gelu", "silu", "tanh")
 HeadRerank = choice("HeadRerank", "none", "alpha_qe", "dba_alpha_qe", "diffusion")
@@ -77,6 +78,11 @@ class DataConfig:
     max_per_class: Optional[int] = None
     tfds_split: str = "train"
     tfds_data_dir: Optional[str] = None
+    # Decode processes running beside the backbone (cbir_jax/data/pipeline.py); None: one per core, 0: decode
+    # in the main process (fewer than 128 images a worker always are). An image that takes longer than
+    # decode_timeout_s to decode is skipped.
+    workers: Optional[int] = None
+    decode_timeout_s: float = 60.0
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
 
 
@@ -107,6 +113,19 @@ class FeaturesConfig:
     whiten: Whiten = Whiten.none
     whiten_dim: Optional[int] = None
     cache: bool = True
+    # The on-disk feature store (cbir_jax/features/store.py): dtype of the stored features (float16 halves
+    # the disk and page cache; recall@10 in benchmarks/results), rows per shard, and an explicit folder
+    # (None: one under cache_dir per data source and backbone).
+    storage: Storage = Storage.float32
+    shard_rows: int = 4096
+    store: Optional[str] = None
+    # python -m cbir_jax.extract on many processes (docs/scale.md): jax.distributed.initialize() with these
+    # (None: detected from SLURM / Open MPI); a process that does not reach a barrier in time fails the rest.
+    distributed: bool = False
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    barrier_timeout_s: float = 600.0
 
 
 @dataclasses.dataclass

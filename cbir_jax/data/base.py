@@ -45,6 +45,13 @@ class ImageDataset:
     class_names: list[str]
     content_key: str
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (id, reason)
+    # Sources of image files: absolute paths (decode workers get paths, not the dataset) and (size, mtime_ns)
+    # as listed, which the feature store compares to find new, changed and deleted files.
+    paths: Optional[list[str]] = None
+    stats: Optional[list[tuple[int, int]]] = None
+    # Names the feature store of this source; None: `content_key` (a source whose images are not files).
+    # A folder's is its root, so a grown folder updates its store instead of starting a new one.
+    store_key: Optional[str] = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -99,4 +99,7 @@ def build(cfg) -> ImageDataset:
         class_names=[d.name for d in class_dirs],
         content_key=key,
         skipped=skipped,
+        paths=paths,
+        stats=[(s.st_size, s.st_mtime_ns) for s in stats],
+        store_key=hash_strings("folder", str(root), str(cfg.max_per_class)),
     )

@@ -1,9 +1,11 @@
 """Feature extraction as its own cached stage: sweeps over labels and heads never re-run the CNN.
 
-One pass decodes each image once and yields the backbone feature and a small thumbnail (what the
-image heuristics SSIM and dHash are computed on). Undecodable images are skipped, named and counted.
-Only decode failures are stored with the cache: a file that could not be *read* (permissions, I/O) is
-retried on the next run, and the cache is rebuilt once it reads (a passing problem never becomes permanent).
+Features live in a sharded on-disk store (cbir_jax/features/store.py) under `cache_dir`, keyed by the data
+source and the backbone: a killed extraction resumes, a grown folder extracts only its new files, and
+images are decoded by `data.workers` processes while the backbone runs. Undecodable images are skipped,
+named and counted; a file that could not be *read* (permissions, I/O, vanished) is retried on the next run.
+Thumbnails (what SSIM and dHash labels are computed on) are made only when asked for, only for the rows
+asked for, and cached apart from the features.
 """
 
 from __future__ import annotations
@@ -12,20 +14,78 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Optional
 
-import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from cbir_jax.core import cache
 from cbir_jax.backbones import Backbone
-from cbir_jax.data import DataError, ImageDataset, ImageLoadError, ImageReadError
+from cbir_jax.data import DataError, ImageDataset
 from cbir_jax.data.imageops import resize_square
+from cbir_jax.data.pipeline import auto_workers, decode_stream
+from cbir_jax.features.forward import forward_batches  # noqa: F401  (re-exported: search, Index)
+from cbir_jax.features.store import FeatureStore, build_store
 
 log = logging.getLogger(__name__)
-_CACHE_VERSION = "2"  # 2: EXIF orientation applied; header, hash and key inside the file
+_STORE_VERSION = "3"  # 3: sharded store (2: one .npz with EXIF orientation applied)
+
+
+class Thumbnails:
+    """Thumbnails of a FeatureSet's rows, made on first use for the rows indexed (`fs.thumbnails[rows]`).
+
+    Only label heuristics on pixels (SSIM, dHash) index it, and only with the rows training samples, so a
+    run that never needs them never decodes an image twice. Built sets are cached under `cache_dir` (the
+    project's cache rules: checked, healed, locked), apart from the features.
+    """
+
+    def __init__(self, dataset: ImageDataset, keep: np.ndarray, size: int, cache_dir: Optional[Path],
+                 key: str, workers: Optional[int] = None, timeout_s: float = 60.0) -> None:
+        self.dataset, self.keep, self.size = dataset, keep, int(size)
+        self.cache_dir, self.key, self.workers, self.timeout_s = cache_dir, key, workers, timeout_s
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.keep), self.size, self.size, 3)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[np.arange(len(self.keep))]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(len(self.keep))[rows]
+        scalar = rows.ndim == 0
+        rows = np.atleast_1d(rows)
+        if self.cache_dir is None or len(rows) == 0:
+            out = self._build(rows)["thumbnails"]
+        else:
+            digest = hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:16]
+            key = f"{self.key}|{self.size}|{digest}"
+            path = self.cache_dir / f"thumbs-{self.size}-{digest}.npz"
+            out = cache.cached(path, key, lambda: self._build(rows))["thumbnails"]
+        return out[0] if scalar else out
+
+    def _build(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        out = np.zeros((len(rows), self.size, self.size, 3), np.uint8)
+        indices = self.keep[rows]
+        stream = decode_stream(indices, lambda image: resize_square(image, self.size), load=self.dataset.load,
+                               paths=self.dataset.paths, workers=auto_workers(len(rows), self.workers),
+                               timeout_s=self.timeout_s)
+        for d in stream:
+            if d.error:  # decoded when its features were extracted, not now: named, and left black
+                log.warning("thumbnail of %s: %s (left black)", self.dataset.ids[d.index], d.error)
+            else:
+                out[d.position] = d.array
+        return {"thumbnails": out}
 
 
 @dataclasses.dataclass
@@ -38,9 +98,10 @@ class FeatureSet:
 
     dataset: ImageDataset
     keep: np.ndarray
-    features: np.ndarray  # (N, D) float32, as the backbone produced them
-    thumbnails: np.ndarray  # (N, S, S, 3) uint8
+    features: np.ndarray  # (N, D) float32, as the backbone produced them (through features.storage)
+    thumbnails: Thumbnails | np.ndarray  # (N, S, S, 3) uint8, made for the rows indexed
     skipped: list[tuple[str, str]]
+    store: Optional[FeatureStore] = None  # the on-disk store the features were read from (chunked readers)
 
     @property
     def ids(self) -> list[str]:
@@ -59,82 +120,11 @@ class FeatureSet:
         return resize_square(self.dataset.load(int(self.keep[row])), size)
 
 
-def cache_key(dataset: ImageDataset, backbone: Backbone, thumb_size: int) -> str:
-    """What a feature cache file was built from; stored inside the file and checked on load."""
-    return f"{_CACHE_VERSION}|{dataset.name}|{dataset.content_key}|{backbone.fingerprint}|{thumb_size}"
-
-
-def cache_path(cache_dir: str, dataset: ImageDataset, backbone: Backbone, thumb_size: int) -> Path:
-    key = hashlib.sha256(cache_key(dataset, backbone, thumb_size).encode()).hexdigest()[:24]
-    return Path(os.path.expanduser(cache_dir)) / "features" / f"{backbone.name}-{key}.npz"
-
-
-def forward_batches(backbone: Backbone, images: Iterable[np.ndarray], batch_size: int) -> np.ndarray:
-    """Backbone features (N, D) float32 of uint8 HxWx3 images, `batch_size` at a time.
-
-    `images` may be a generator (a folder is decoded as it is read, never held whole in memory). Every batch
-    is padded to `batch_size` rows, so the jitted forward pass compiles for one shape only.
-    """
-    feats: list[np.ndarray] = []
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        n = len(batch)
-        x = np.stack(batch + [batch[-1]] * (batch_size - n))  # fixed shape: one compilation
-        feats.append(np.asarray(backbone.forward(jnp.asarray(x)))[:n])
-        batch.clear()
-
-    for image in images:
-        batch.append(backbone.preprocess(image))
-        if len(batch) == batch_size:
-            flush()
-    flush()
-    return np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, backbone.feature_dim), np.float32)
-
-
-def _extract(dataset: ImageDataset, backbone: Backbone, thumb_size: int, batch_size: int) -> dict[str, np.ndarray]:
-    thumbs, keep, skipped, unread = [], [], [], []
-
-    def decoded() -> Iterator[np.ndarray]:
-        for i in tqdm(range(len(dataset)), desc=f"features ({backbone.name})", unit="img", mininterval=2.0):
-            try:
-                image = dataset.load(i)
-            except ImageLoadError as e:
-                log.warning("skipped %s: %s", dataset.ids[i], e)
-                (unread if isinstance(e, ImageReadError) else skipped).append((dataset.ids[i], str(e)))
-                continue
-            keep.append(i)
-            thumbs.append(resize_square(image, thumb_size))
-            yield image
-
-    features = forward_batches(backbone, decoded(), batch_size)
-    thumbnails = np.stack(thumbs) if thumbs else np.zeros((0, thumb_size, thumb_size, 3), np.uint8)
-    return {
-        "keep": np.asarray(keep, np.int64), "features": features, "thumbnails": thumbnails,
-        "skipped": np.asarray(skipped, dtype=str).reshape(-1, 2),  # decode failures: permanent
-        "unread": np.asarray(unread, dtype=str).reshape(-1, 2),  # read errors: retried next time
-    }
-
-
-def _still_unreadable(dataset: ImageDataset) -> Callable[[dict[str, np.ndarray]], bool]:
-    """A cache is out of date once one of the files it could not read reads now."""
-    index = {image_id: i for i, image_id in enumerate(dataset.ids)}
-
-    def check(arrays: dict[str, np.ndarray]) -> bool:
-        for image_id, _ in arrays["unread"].tolist():
-            try:
-                dataset.load(index[image_id])
-            except ImageReadError:
-                continue
-            except ImageLoadError:
-                pass
-            log.info("features: %s reads now; rebuilding the cache", image_id)
-            return False
-        return True
-
-    return check
+def store_path(cache_dir: str, dataset: ImageDataset, backbone: Backbone, storage: str) -> Path:
+    """Where the feature store of `dataset` under `backbone` lives inside `cache_dir`."""
+    source = dataset.store_key or dataset.content_key
+    key = hashlib.sha256(f"{_STORE_VERSION}|{dataset.name}|{source}|{backbone.fingerprint}|{storage}".encode())
+    return Path(os.path.expanduser(cache_dir)) / "features" / f"{backbone.name}-{key.hexdigest()[:24]}"
 
 
 def extract_features(
@@ -145,30 +135,56 @@ def extract_features(
     cache_dir: str,
     batch_size: int = 32,
     use_cache: bool = True,
+    storage: str = "float32",
+    shard_rows: int = 4096,
+    workers: Optional[int] = None,
+    decode_timeout_s: float = 60.0,
+    store: Optional[str] = None,
+    progress: bool = True,
 ) -> FeatureSet:
-    """Features and thumbnails for every decodable image, from the cache when it holds them."""
-    extracted = []
+    """Features of every decodable image, rows in dataset order, from the store (extracting what it lacks).
 
-    def build() -> dict[str, np.ndarray]:
-        extracted.append(True)
-        return _extract(dataset, backbone, thumb_size, batch_size)
-
-    if use_cache:
-        path = cache_path(cache_dir, dataset, backbone, thumb_size)
-        arrays = cache.cached(path, cache_key(dataset, backbone, thumb_size), build,
-                              still_valid=_still_unreadable(dataset))
+    `store`: a store folder to use instead of the one under `cache_dir`; `use_cache=False`: a throw-away
+    store in a temporary folder (nothing is kept).
+    """
+    tmp = None
+    if store is not None:
+        path = Path(os.path.expanduser(store))
+    elif use_cache:
+        path = store_path(cache_dir, dataset, backbone, storage)
     else:
-        arrays = build()
-    skipped = [tuple(s) for s in arrays["skipped"].tolist() + arrays["unread"].tolist()]
-    if use_cache and not extracted:
-        log.info("features: %d images from cache %s", len(arrays["keep"]), path)
-        for image_id, reason in skipped:
-            log.warning("skipped %s: %s", image_id, reason)
-    skipped = list(dataset.skipped) + skipped
+        tmp = tempfile.mkdtemp(prefix="cbir_jax-features-")
+        path = Path(tmp)
+    try:
+        try:
+            report = build_store(path, dataset, backbone, storage=storage, shard_rows=shard_rows,
+                                 batch_size=batch_size, workers=workers, decode_timeout_s=decode_timeout_s,
+                                 progress=progress)
+        except OSError as e:
+            if e.errno not in cache._UNWRITABLE or tmp is not None:
+                raise
+            log.warning("feature store %s is not writable (%s): features are not cached", path, e.strerror)
+            return extract_features(dataset, backbone, thumb_size=thumb_size, cache_dir=cache_dir,
+                                    batch_size=batch_size, use_cache=False, storage=storage, shard_rows=shard_rows,
+                                    workers=workers, decode_timeout_s=decode_timeout_s, progress=progress)
+        fs_store = FeatureStore.open(path, fingerprint=backbone.fingerprint)
+        position = {image_id: i for i, image_id in enumerate(dataset.ids)}
+        rows = np.asarray([position[i] for i in fs_store.ids], np.int64)
+        order = np.argsort(rows, kind="stable")
+        features = fs_store.features()[order]
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    keep = rows[order]
+    skipped = list(dataset.skipped) + list(report.skipped)
     if skipped:
-        log.warning("skipped %d of %d files or class folders (unreadable, empty or not images)", len(skipped), len(dataset) + len(dataset.skipped))
-    keep = arrays["keep"]
+        log.warning("skipped %d of %d files or class folders (unreadable, empty or not images)", len(skipped),
+                    len(dataset) + len(dataset.skipped))
     if len(keep) == 0:
         raise DataError(f"{dataset.name}: none of the {len(dataset)} files could be read as an image")
-    return FeatureSet(dataset=dataset, keep=keep, features=arrays["features"], thumbnails=arrays["thumbnails"],
-                      skipped=skipped)
+    thumbs_dir = None if tmp is not None else path / "thumbnails"
+    rows_key = hashlib.sha256(keep.tobytes()).hexdigest()[:16]  # with content_key: which images the rows are
+    thumbnails = Thumbnails(dataset, keep, thumb_size, thumbs_dir, key=f"{dataset.content_key}|{rows_key}",
+                            workers=workers, timeout_s=decode_timeout_s)
+    return FeatureSet(dataset=dataset, keep=keep, features=features, thumbnails=thumbnails, skipped=skipped,
+                      store=None if tmp is not None else fs_store)

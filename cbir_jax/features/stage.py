@@ -34,6 +34,11 @@ def load_stage(cfg, *, split_by: str | None = None) -> Stage:
         cache_dir=cfg.cache_dir,
         batch_size=cfg.backbone.batch_size,
         use_cache=cfg.features.cache,
+        storage=str(cfg.features.storage),
+        shard_rows=cfg.features.shard_rows,
+        store=cfg.features.store,
+        workers=cfg.data.workers,
+        decode_timeout_s=cfg.data.decode_timeout_s,
     )
     split_cfg = cfg.data.split if split_by is None else dataclasses.replace(_as_split(cfg.data.split), by=split_by)
     split = make_split(split_cfg, len(features), lambda: features.labels)
