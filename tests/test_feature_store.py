@@ -16,7 +16,7 @@ import pytest
 from cbir_jax.backbones import build_backbone
 from cbir_jax.core.config import BackboneConfig
 from cbir_jax.data import ImageDataset, build_dataset
-from cbir_jax.features import store as store_mod
+import cbir_jax.features.store
 from cbir_jax.features.extract import extract_features, forward_batches, store_path
 from cbir_jax.features.store import FeatureStore, StoreError, build_store
 from cbir_jax.runs.cli import to_typed
@@ -129,7 +129,7 @@ def test_a_changed_file_is_extracted_again(tmp_path):
 def test_interrupted_build_resumes_missing_shards_only_and_is_bit_identical(tmp_path, monkeypatch):
     dataset, backbone = _folder(image_folder(tmp_path / "data", classes=4, per_class=5))
     _build(tmp_path / "full", dataset, backbone)
-    real = store_mod._Store.write_shard
+    real = cbir_jax.features.store._Store.write_shard
     written = []
 
     def dies_after_two(self, name, *a, **kw):
@@ -138,10 +138,10 @@ def test_interrupted_build_resumes_missing_shards_only_and_is_bit_identical(tmp_
         written.append(name)
         return real(self, name, *a, **kw)
 
-    monkeypatch.setattr(store_mod._Store, "write_shard", dies_after_two)
+    monkeypatch.setattr(cbir_jax.features.store._Store, "write_shard", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         _build(tmp_path / "resumed", dataset, backbone)
-    monkeypatch.setattr(store_mod._Store, "write_shard", real)
+    monkeypatch.setattr(cbir_jax.features.store._Store, "write_shard", real)
     assert (tmp_path / "resumed" / "plan.json").exists() and not (tmp_path / "resumed" / "manifest.json").exists()
     report = _build(tmp_path / "resumed", dataset, backbone)
     assert (report.kept, report.added) == (8, 12)  # 2 of 5 shards were committed: only the other 3 redone
@@ -197,7 +197,7 @@ def test_damaged_manifest_is_moved_aside_and_rebuilt_without_extraction(tmp_path
 
 def test_full_disk_during_a_shard_write_keeps_earlier_shards_and_resumes(tmp_path, monkeypatch):
     dataset, backbone = _folder(image_folder(tmp_path / "data"))
-    real = store_mod.atomic_write
+    real = cbir_jax.features.store.atomic_write
     calls = []
 
     def full_on_third(path, write, *a, **kw):
@@ -211,13 +211,13 @@ def test_full_disk_during_a_shard_write_keeps_earlier_shards_and_resumes(tmp_pat
             return real(path, half, *a, **kw)
         return real(path, write, *a, **kw)
 
-    monkeypatch.setattr(store_mod, "atomic_write", full_on_third)
+    monkeypatch.setattr(cbir_jax.features.store, "atomic_write", full_on_third)
     with pytest.raises(StoreError) as e:
         _build(tmp_path / "s", dataset, backbone)
     assert "No space left on device" in str(e.value) and "resume" in str(e.value) and "\n" not in str(e.value)
     assert sorted(p.name for p in (tmp_path / "s" / "shards").iterdir()) == [
         "000000.json", "000000.npy", "000001.json", "000001.npy"]  # no temporary left, earlier shards intact
-    monkeypatch.setattr(store_mod, "atomic_write", real)
+    monkeypatch.setattr(cbir_jax.features.store, "atomic_write", real)
     report = _build(tmp_path / "s", dataset, backbone)
     assert (report.kept, report.added) == (8, 4)
 

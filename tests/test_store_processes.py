@@ -48,12 +48,12 @@ def _one_process(root: Path, store: Path):
 
 def _worker(root: str, store: str, port: int, process_id: int, die: bool) -> None:
     from cbir_jax.extract import extract
-    from cbir_jax.features import store as store_mod
+    import cbir_jax.features.store
     from cbir_jax.features.store import StoreError
     from helpers import compose_config
 
     if die and process_id == 1:
-        store_mod._Store.write_shard = lambda *a, **kw: os._exit(9)  # dies at its first shard
+        cbir_jax.features.store._Store.write_shard = lambda *a, **kw: os._exit(9)  # dies at its first shard
     cfg = compose_config(*_overrides(Path(root), Path(store)), "features.distributed=true",
                          f"features.coordinator=127.0.0.1:{port}", "features.num_processes=2",
                          f"features.process_id={process_id}", f"features.barrier_timeout_s={BARRIER_S}")
