@@ -23,7 +23,7 @@ import cbir_jax
 from cbir_jax.api import IndexFileError, QueryError
 from cbir_jax.core.config import DataConfig, FeaturesConfig
 from cbir_jax.core.registry import UnknownComponentError
-from cbir_jax.data import ImageLoadError
+from cbir_jax.data import DataError, ImageLoadError
 from cbir_jax.data import embedded
 from helpers import compose_config
 
@@ -80,8 +80,12 @@ def test_the_readme_example_as_written(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again[1], ns["ids"])
     np.testing.assert_array_equal(again[0], ns["scores"])
     assert again[2] == ns["paths"]
+    with pytest.raises(DataError, match=r"^add: new1.jpg is outside the indexed folder .*photos; move it there"):
+        index.add(["new1.jpg"])  # "../new1.jpg" would be lost when the folder and its index move
+    assert len(index) == 10 and not (tmp_path / "photos" / "new1.jpg").exists()
     exec(lines[-1], ns)  # noqa: S102
-    assert len(index) == 12 and index.paths[-2:] == ["../new1.jpg", "../new2.jpg"]
+    assert len(index) == 12 and index.paths[-2:] == ["new1.jpg", "new2.jpg"]
+    assert (tmp_path / "photos" / "new1.jpg").read_bytes() == (tmp_path / "new1.jpg").read_bytes()
     assert list(index.labels[-2:]) == [-1, -1]  # outside the class folders: no class
     for name, expected_id in (("new1.jpg", 10), ("new2.jpg", 11)):
         scores, ids, _ = index.search(name, k=3)
@@ -154,6 +158,25 @@ def test_add_grows_the_index_and_refit_equals_a_fresh_build(photos, tmp_path):
     fresh = cbir_jax.Index.build("pixels", root, features=features, cache_dir=str(tmp_path / "cache"))
     order = [index.paths.index(p) for p in fresh.paths]
     np.testing.assert_allclose(np.abs(index.gallery()[order]), np.abs(fresh.gallery()), atol=1e-5)  # PCA sign
+
+
+def test_add_copies_files_from_outside_only_when_asked_and_never_overwrites(photos, tmp_path):
+    root = tmp_path / "photos"
+    shutil.copytree(photos / "cat", root / "cat")
+    index = cbir_jax.Index.build("pixels", root, cache_dir=str(tmp_path / "cache"))
+    n = len(index)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(photos / "moon" / "view_00.jpg", tmp_path / "a" / "new.jpg")
+    shutil.copy(photos / "coffee" / "view_00.jpg", tmp_path / "b" / "new.jpg")
+    with pytest.raises(DataError, match="is outside the indexed folder") as e:
+        index.add([root / "cat" / ".." / ".." / "a" / "new.jpg"])
+    assert "\n" not in str(e.value) and len(index) == n
+    assert list(index.add(tmp_path / "a" / "new.jpg", copy=True)) == [n] and index.paths[-1] == "new.jpg"
+    assert index.add(tmp_path / "a" / "new.jpg", copy=True).size == 0  # the same file: already indexed
+    with pytest.raises(DataError, match="new.jpg is already another file there"):
+        index.add(tmp_path / "b" / "new.jpg", copy=True)
+    assert (root / "new.jpg").read_bytes() == (tmp_path / "a" / "new.jpg").read_bytes() and len(index) == n + 1
 
 
 def test_save_load_round_trip_moves_with_its_folder(photos, tmp_path):
@@ -267,6 +290,7 @@ def test_load_run_and_an_index_with_its_learned_head(photos, tmp_path):
     _train(run_dir, "train.evaluate=false")
     run = cbir_jax.load_run(run_dir)
     assert isinstance(run, cbir_jax.Run) and run.head == "mlp" and run.backbone.name == "pixels"
+    assert repr(run) == f"Run({str(run_dir)!r}, head=mlp, backbone=pixels, features=768-d, select=best)"
     assert run.info["feature_dim"] == 16 * 16 * 3 and run.config.backbone.image_size == 16
     index = cbir_jax.Index.build(run, photos, cache_dir=str(tmp_path / "cache"))
     assert index.scorer_name == "mlp" and index.scorer is run.scorer
