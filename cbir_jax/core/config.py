@@ -52,6 +52,7 @@ LossName = choice("LossName", "mse", "contrastive", "ranking", "listwise")
 Optimizer = choice("Optimizer", "adamw", "adam", "sgd")
 FixedMetric = choice("FixedMetric", "cosine", "euclid", "ssim", "ssim_ratio")
 Baseline = choice("Baseline", *FixedMetric, *TunedBaseline)  # a fixed metric or a non-learned re-ranker
+LoggerName = choice("LoggerName", "csv", "tensorboard", "mlflow", "wandb")  # metrics_log.LOGGERS
 
 
 @dataclasses.dataclass
@@ -238,6 +239,21 @@ class ServeConfig:
 
 
 @dataclasses.dataclass
+class LoggerConfig:
+    """`logger=csv|tensorboard|mlflow|wandb` (configs/logger/): where training curves go besides metrics.jsonl,
+    which every run writes. mlflow and wandb need the [loggers] extra; neither needs a network."""
+
+    name: LoggerName = LoggerName.tensorboard
+    # mlflow: the experiment; wandb: the project.
+    project: str = "cbir_jax"
+    # mlflow: the tracking store. The default is a local SQLite file (MLflow's own file store is deprecated
+    # and refuses new use); `mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db` shows it.
+    tracking_uri: str = "sqlite:///outputs/mlflow.db"
+    # wandb: offline writes RUN/wandb/ (`wandb sync RUN/wandb/offline-run-*` uploads it later); online needs a login.
+    mode: str = "offline"
+
+
+@dataclasses.dataclass
 class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
@@ -249,6 +265,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
+    logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
     seed: int = 0
     # Features, converted weights and tuning results; `$CBIR_JAX_CACHE` or ~/.cache/cbir_jax unless set.
     cache_dir: str = "${cbir_jax.default_cache_dir:}"

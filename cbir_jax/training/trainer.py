@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from cbir_jax.core.errors import CheckpointError, DivergedError, Interrupted
 from cbir_jax.labels import pair_labels
 from cbir_jax.training import checkpointing, curves, guards, optim, pairs, selection
-from cbir_jax.training.metrics_log import MetricsLog
+from cbir_jax.training.metrics_log import MetricsLog, flat_params
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
         return epochs_done == 0 or epochs_done % validate_every == 0 or epochs_done == epochs
 
     lr = optim.learning_rate_schedule(cfg.train, total_steps)
-    with MetricsLog(run_dir, keep_up_to=step) as metrics:  # each step once, also after a resume
+    params_shown = flat_params(dataclasses.asdict(cfg)) if dataclasses.is_dataclass(cfg) else {}
+    with MetricsLog(run_dir, keep_up_to=step, logger=getattr(cfg, "logger", None), params=params_shown) as metrics:
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
         state.update(mngr=mngr, step=step, progress=progress)
         loss_sum, loss_count = 0.0, 0
