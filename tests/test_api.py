@@ -92,6 +92,27 @@ def test_the_readme_example_as_written(tmp_path, monkeypatch):
         assert ids[0] == expected_id and scores[0] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_readme_fit_example_as_written(tmp_path, monkeypatch, capsys):
+    """The README's notebook lines, verbatim: a run folder like the command's, its metrics, its curves, and
+    a search with the trained head."""
+    section = README.read_text().split("## Training from Python or a notebook", 1)[1]
+    lines = [line for line in re.search(r"```python\n(.*?)```", section, re.S).group(1).splitlines() if line.strip()]
+    assert len(lines) == 5 and lines[0] == "import cbir_jax" and "cbir_jax.fit(" in lines[1]
+    _write_photos(tmp_path / "photos", views=2, photos=5)
+    shutil.copy(tmp_path / "photos" / "cat" / "view_01.jpg", tmp_path / "query.jpg")
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec("\n".join(lines), ns)  # noqa: S102  (the README's own lines)
+    result = ns["result"]
+    assert isinstance(result, cbir_jax.Trained) and result.path.parent.parent == Path("outputs/runs")
+    assert json.loads((result.path / "metrics.json").read_text()) == result.metrics
+    assert result.metrics["mlp"]["map_at_r"] > 0 and "val_map_at_r" in result.validation
+    assert result.history and result.history[-1]["step"] > 0
+    assert result.run.head == "mlp" and repr(result).startswith("Trained(Run(")
+    assert ns["paths"][0] == str(tmp_path / "photos" / "cat" / "view_01.jpg") and len(ns["ids"]) == 5
+    assert f"outputs: {result.path}/ (" in capsys.readouterr().out
+
+
 def test_search_accepts_paths_pil_images_arrays_and_batches(pixels_index, photos):
     query = photos / "coffee" / "view_02.jpg"
     scores, ids, paths = pixels_index.search(query, k=5)

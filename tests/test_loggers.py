@@ -20,7 +20,6 @@ from cbir_jax.training import metrics_log
 from cbir_jax.training.metrics_log import LOGGERS, LoggerError, MetricsLog
 
 from helpers import compose_config
-from test_pipeline import _train
 from test_run_outputs import assert_same_scalars, expected_from_jsonl, read_events
 
 RECORDS = [
@@ -158,12 +157,3 @@ def test_a_missing_extra_is_one_line(tmp_path, monkeypatch, name, module):
     with pytest.raises(LoggerError, match=rf"^logger={name} needs the \[loggers\] extra \({module} is missing\)"):
         MetricsLog(tmp_path, -1, logger=LoggerConfig(name=LoggerName(name)))
     assert not (tmp_path / metrics_log.METRICS_LOG).exists()
-
-
-def test_a_training_run_with_logger_csv(tmp_path):
-    run = tmp_path / "run"
-    _train(run, "logger=csv", "train.evaluate=false", "train.log_every=3")
-    assert not (run / metrics_log.TENSORBOARD_DIR).exists()
-    expected = expected_from_jsonl(run)
-    assert {"train/loss", "val/map_at_r"} <= set(expected)
-    assert_same_scalars(read_csv(run), expected)
