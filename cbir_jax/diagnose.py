@@ -9,7 +9,8 @@ trained head (its `eval.select` checkpoint) on the run's own split:
 - ranking: leave-one-out MAP@R on the training rows beside the held-out rows;
 - hubness: skewness of N10 and the share of top-10 slots taken by the 1% most frequent items.
 
-Writes `diagnostics.json` and `diagnostics.png` (into `RUN/diagnose/<time>/` with a checkpoint).
+Writes `diagnostics.json` and `diagnostics.png` into `RUN/diagnose/<date>_<time>/` with a checkpoint, else
+`outputs/diagnose/<date>/<time>/`.
 `train.diagnose=true` runs the same at the end of training (what the `diagnostics` study tabulates).
 
 Examples:

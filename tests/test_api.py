@@ -278,7 +278,8 @@ def test_index_then_search_commands(photos, tmp_path):
     common = [f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'logs'}"]
     out = _run("cbir_jax.index", "data=folder", f"data.root={photos}", f"out={out_file}", "backbone=pixels",
                "backbone.image_size=16", *common)
-    assert out.stdout.strip().splitlines()[-1] == f"outputs: {out_file} (84 images, 1 skipped, scorer cosine)"
+    assert out.stdout.strip().splitlines()[-1] == (f"outputs: {out_file} (84 images, 1 skipped, scorer cosine); "
+                                                   f"{tmp_path / 'logs'}/ (.hydra/, index.log)")
     query = photos / "gravel" / "view_03.jpg"
     out = _run("cbir_jax.search", f"index={out_file}", f"query={query}", "k=3",
                f"hydra.run.dir={tmp_path / 'search'}")

@@ -25,7 +25,7 @@ from helpers import compose_config  # noqa: E402
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "outputs" / "serve"
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "outputs" / "screenshots"  # git-ignored
 SCORERS = ["cosine", "euclid", "dba_alpha_qe"]
 
 

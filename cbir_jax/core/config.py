@@ -289,14 +289,18 @@ def default_cache_dir() -> str:
 
 # Where a command reading a trained run writes: under that run, so its evaluations and searches stay with it.
 RUN_SUBDIRS = {"evaluate": "eval", "search": "search", "diagnose": "diagnose", "index": "index"}
+# Where each command writes otherwise: outputs/<folder>/<date>/<time>/, so outputs/runs/ holds training runs only.
+OUTPUT_DIRS = {"train": "runs", "evaluate": "eval", "search": "search", "index": "index", "diagnose": "diagnose",
+               "serve": "serve"}
 
 
 def run_dir_for(job: str, checkpoint: Optional[str], stamp: str) -> str:
-    """`hydra.run.dir` (configs/config.yaml): `<checkpoint>/eval/<stamp>` for `evaluate checkpoint=RUN` (and
-    search, diagnose), else `outputs/runs/<stamp>`."""
-    if checkpoint and job in RUN_SUBDIRS:
-        return str(Path(checkpoint) / RUN_SUBDIRS[job] / stamp.replace("/", "_"))
-    return f"outputs/runs/{stamp}"
+    """`hydra.run.dir` (configs/config.yaml): `<checkpoint>/eval/<date>_<time>` for `evaluate checkpoint=RUN`
+    (search, diagnose and index likewise), else `outputs/<command's folder>/<date>/<time>` (OUTPUT_DIRS)."""
+    name = help_text.entry_point(job)
+    if checkpoint and name in RUN_SUBDIRS:
+        return str(Path(checkpoint) / RUN_SUBDIRS[name] / stamp.replace("/", "_"))
+    return f"outputs/{OUTPUT_DIRS.get(name, 'runs')}/{stamp}"
 
 
 def preset(group: str, name: str, schema: type[T]) -> T:

@@ -64,12 +64,17 @@ def to_typed(cfg: DictConfig) -> Config:
     return validate(OmegaConf.to_object(merged))
 
 
+def written(out_dir: Path) -> list[str]:
+    """The folder's files and folders at the top level, Hydra's `.hydra/` and the log included, sorted."""
+    out_dir = Path(out_dir)
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()) if out_dir.is_dir() else []
+
+
 def print_outputs(out_dir: Path, names: Iterable[str] | None = None) -> None:
-    """The last line of every command: where it wrote, and what: `names` (for a command that writes into a
-    shared folder, e.g. report), else the folder's files and folders at the top level."""
-    if names is None:
-        names = (p.name + ("/" if p.is_dir() else "") for p in Path(out_dir).iterdir() if not p.name.startswith(".")) if Path(out_dir).is_dir() else ()
-    print(f"outputs: {out_dir}/ ({', '.join(sorted(names)) or 'nothing written'})", flush=True)
+    """The last line of every command: where it wrote, and everything it wrote there: `names` (for a command
+    that writes into a shared folder, e.g. report), else every entry of the folder (`written`)."""
+    names = written(out_dir) if names is None else sorted(names)
+    print(f"outputs: {out_dir}/ ({', '.join(names) or 'nothing written'})", flush=True)
 
 
 def run_dir() -> Path:
