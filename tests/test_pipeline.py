@@ -134,6 +134,7 @@ def test_command_lines(tmp_path):
     def call(*args):
         out = subprocess.run(env_cmd + list(args), capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
+        assert "\r" not in out.stdout + out.stderr  # redirected: plain progress lines, no bar redraws
         return out
 
     out = call("cbir_jax.train", "head=mlp", "labels=ssim_ratio", f"hydra.run.dir={run}", *common)
@@ -153,6 +154,10 @@ def test_command_lines(tmp_path):
     out = call("cbir_jax.search", f"checkpoint={run}", f"query={query}", "k=3", f"cache_dir={tmp_path / 'cache'}")
     (search_dir,) = (run / "search").iterdir()
     assert (search_dir / "search.png").exists() and f"outputs: {search_dir}/ (" in out.stdout
+    out = call("cbir_jax.diagnose", f"checkpoint={run}", f"cache_dir={tmp_path / 'cache'}")
+    (diagnose_dir,) = (run / "diagnose").iterdir()
+    assert "| scorer | fit (train pairs)" in out.stdout and "| mlp |" in out.stdout and "{" not in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith(f"outputs: {diagnose_dir}/ (")
     call("cbir_jax.train", "-m", "head=mlp,cosine", "labels=euclid", f"hydra.sweep.dir={tmp_path / 'sweep'}", *common)
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(jobs) == 2 and all((tmp_path / "sweep" / j / "metrics.json").exists() for j in jobs)

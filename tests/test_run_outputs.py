@@ -127,6 +127,7 @@ def test_train_starts_without_the_tpu_probe_line_and_ends_with_its_outputs(tmp_p
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith(f"outputs: {run}/ (") and "curves.png" in last and "tensorboard/" in last
     assert ".hydra/" in last and "train.log" in last  # every file written, Hydra's too
+    assert "\r" not in out.stdout + out.stderr and "train: " in out.stderr  # progress as plain lines in a pipe
 
 
 @pytest.mark.parametrize("job, checkpoint, expected", [

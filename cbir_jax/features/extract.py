@@ -17,8 +17,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from cbir_jax.core.progress import progress
 from cbir_jax.core import cache
 from cbir_jax.backbones import Backbone
 from cbir_jax.data import DataError, ImageDataset, ImageLoadError, ImageReadError
@@ -98,7 +98,7 @@ def _extract(dataset: ImageDataset, backbone: Backbone, thumb_size: int, batch_s
     thumbs, keep, skipped, unread = [], [], [], []
 
     def decoded() -> Iterator[np.ndarray]:
-        for i in tqdm(range(len(dataset)), desc=f"features ({backbone.name})", unit="img", mininterval=2.0):
+        for i in progress(range(len(dataset)), desc=f"features ({backbone.name})", unit="img", mininterval=2.0):
             try:
                 image = dataset.load(i)
             except ImageLoadError as e:

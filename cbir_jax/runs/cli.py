@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cbir_jax.core.config import Config
 from cbir_jax.core.config_checks import validate
@@ -45,7 +46,8 @@ def run_or_exit(fn: Callable[[], T]) -> T:
     # Orbax narrates every save at INFO through absl; keep the run log about the run.
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
-        return fn()
+        with logging_redirect_tqdm():  # a log line during a bar is printed above it, not through it
+            return fn()
     except (UserError, OSError, KeyboardInterrupt) as e:
         known = one_line(e)
         if known is None or os.environ.get("CBIR_JAX_DEBUG"):
@@ -107,6 +109,21 @@ class RunGuard(Callback):
             if known is None or os.environ.get("CBIR_JAX_DEBUG"):
                 raise
             exit_with(*known)
+
+
+class SweepSummary(Callback):
+    """A Hydra callback that ends a multirun with where it wrote and how to tabulate it: each job's own last
+    line names only its folder. Registered in `configs/config.yaml` under `hydra.callbacks`."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print(sweep_summary(Path(str(config.hydra.sweep.dir))), flush=True)
+
+
+def sweep_summary(sweep_dir: Path) -> str:
+    """The multirun's last lines: its folder and jobs, then the `report` command for it."""
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()) if sweep_dir.is_dir() else []
+    return (f"sweep: {sweep_dir}/ ({len(jobs)} job{'s' if len(jobs) != 1 else ''}: {', '.join(jobs) or 'none'})\n"
+            f"report: python -m cbir_jax.report {sweep_dir}")
 
 
 # What a saved index fixes for itself: a command given one of these beside `index=` would silently ignore it.

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from cbir_jax.core.errors import CheckpointError, DivergedError, Interrupted
+from cbir_jax.core.progress import progress
 from cbir_jax.labels import pair_labels
 from cbir_jax.training import checkpointing, curves, guards, optim, pairs, selection
 from cbir_jax.training.metrics_log import MetricsLog, flat_params
@@ -144,8 +144,8 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
     lr = optim.learning_rate_schedule(cfg.train, total_steps)
     params_shown = flat_params(dataclasses.asdict(cfg)) if dataclasses.is_dataclass(cfg) else {}
     with MetricsLog(run_dir, keep_up_to=step, logger=getattr(cfg, "logger", None), params=params_shown) as metrics:
-        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
-        state.update(mngr=mngr, step=step, progress=progress)
+        bar = progress(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
+        state.update(mngr=mngr, step=step, progress=bar)
         loss_sum, loss_count = 0.0, 0
         done = step // steps_per_epoch
         if (keeper is not None and step % steps_per_epoch == 0 and validates_after(done)
@@ -162,12 +162,12 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
                 state["step"] = step
                 guards.check_loss(step, float(loss))  # stops before a NaN reaches the log or a checkpoint
                 loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
-                progress.update(1)
+                bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     record = {"step": step, "epoch": epoch, "loss": loss_sum / loss_count,
                               "learning_rate": optim.learning_rate_at(lr, step)}
                     metrics.write(record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
                     loss_sum, loss_count = 0.0, 0
                 if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
                     guards.check_params(step, params)
@@ -178,7 +178,7 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
                 if stopped:
                     log.info("early stop after epoch %d: no better validation %s for %d validations (best: step %d)",
                              epoch + 1, keeper.metric, cfg.train.patience, keeper.selection.best_step)
-        progress.close()
+        bar.close()
     curves.write_curves(run_dir, title=title)
     if mngr.latest_step() != step:  # e.g. a resumed run that was already complete
         checkpointing.save(mngr, step, params, {"opt_state": opt_state, "step": jnp.asarray(step)})
