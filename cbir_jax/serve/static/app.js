@@ -119,7 +119,7 @@ function hitCard(hit, decimals) {
   full.rel = "noopener";
   full.title = "open full size";
   full.addEventListener("click", (e) => e.stopPropagation());
-  meta.appendChild(full);
+  card.appendChild(full);  // over the thumbnail's corner: the meta line keeps its width for the score
   card.appendChild(meta);
   card.appendChild(el("div", "id", `\u200e${hit.id}\u200e`));  // LRM: rtl only cuts, never reorders
   card.addEventListener("click", () => searchRow(hit.row, true));
