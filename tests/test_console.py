@@ -25,6 +25,7 @@ def test_a_bar_shows_no_eta_until_the_first_step_is_done_and_then_ignores_its_ti
     time.sleep(0.6)  # the first step: compilation
     bar.update(1)
     assert bar.format_dict["rate"] is None  # one step says nothing about the speed after compiling
+    assert str(bar).endswith("<?]") and "step/s" not in str(bar)  # and tqdm does not fill in its own average
     for _ in range(5):
         time.sleep(0.02)
         bar.update(1)

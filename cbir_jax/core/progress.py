@@ -17,6 +17,7 @@ from tqdm.auto import tqdm as auto_tqdm
 from tqdm.std import tqdm as std_tqdm
 
 PLAIN_EVERY_S = 30.0
+NO_ETA_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<?{postfix}]"
 
 
 def interactive() -> bool:
@@ -67,6 +68,8 @@ class Bar(std_tqdm):
         d = super().format_dict
         if hasattr(self, "_warm_rate"):
             d["rate"] = self._warm_rate.rate(self.n)
+            if d["rate"] is None:  # tqdm would fall back to the average since the start, compile included
+                d["bar_format"] = NO_ETA_FORMAT
         return d
 
 
