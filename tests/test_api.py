@@ -197,6 +197,8 @@ def test_add_copies_files_from_outside_only_when_asked_and_never_overwrites(phot
     assert index.add(tmp_path / "a" / "new.jpg", copy=True).size == 0  # the same file: already indexed
     with pytest.raises(DataError, match="new.jpg is already another file there"):
         index.add(tmp_path / "b" / "new.jpg", copy=True)
+    with pytest.raises(DataError, match="cannot copy .*missing.jpg: no such file"):
+        index.add(tmp_path / "b" / "missing.jpg", copy=True)
     assert (root / "new.jpg").read_bytes() == (tmp_path / "a" / "new.jpg").read_bytes() and len(index) == n + 1
 
 

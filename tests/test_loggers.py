@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import struct
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -66,28 +67,49 @@ def read_wandb(run_dir: Path) -> list[dict[str, list[tuple[int, float]]]]:
     from wandb.proto import wandb_internal_pb2
 
     runs = []
-    for path in sorted((run_dir / metrics_log.WANDB_DIR).glob("offline-run-*/run-*.wandb")):
-        data, at, pending = path.read_bytes(), 7, b""
-        history: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        while at + 7 <= len(data):
-            left = 32768 - at % 32768
-            _, length, kind = struct.unpack_from("<IHB", data, at)
-            if left < 7 or (kind == 0 and length == 0):
-                at += left
-                continue
-            pending += data[at + 7 : at + 7 + length]
-            at += 7 + length
-            if kind in (1, 4):  # a full record, or the last piece of one
-                record = wandb_internal_pb2.Record.FromString(pending)
-                pending = b""
-                if record.WhichOneof("record_type") == "history":
-                    items = {"/".join(i.nested_key) or i.key: i.value_json for i in record.history.item}
-                    step = int(items.pop("_step"))
-                    for tag, value in items.items():
-                        if not tag.startswith("_"):
-                            history[tag].append((step, float(value)))
-        runs.append(dict(history))
+    files = (run_dir / metrics_log.WANDB_DIR).glob("offline-run-*/run-*.wandb")
+    for path in sorted(files, key=lambda p: p.parent.stat().st_ctime_ns):  # names have whole seconds only
+        runs.append(_wandb_history(path, wandb_internal_pb2))
     return runs
+
+
+def _wandb_history(path: Path, wandb_internal_pb2, timeout_s: float = 60.0) -> dict[str, list[tuple[int, float]]]:
+    """One run file's history, once its `exit` record is written: `finish()` returns while W&B's service may
+    still be writing the file."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        history, complete = _parse_wandb(path.read_bytes(), wandb_internal_pb2)
+        if complete or time.monotonic() > deadline:
+            assert complete, f"{path}: no exit record after {timeout_s} s"
+            return history
+        time.sleep(0.2)
+
+
+def _parse_wandb(data: bytes, wandb_internal_pb2) -> tuple[dict[str, list[tuple[int, float]]], bool]:
+    """(history, whether the exit record is there) of a `.wandb` file's bytes so far."""
+    at, pending, complete = 7, b"", False
+    history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    while at + 7 <= len(data):
+        left = 32768 - at % 32768
+        _, length, kind = struct.unpack_from("<IHB", data, at)
+        if left < 7 or (kind == 0 and length == 0):
+            at += left
+            continue
+        if at + 7 + length > len(data):  # still being written
+            break
+        pending += data[at + 7 : at + 7 + length]
+        at += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            complete = complete or record.WhichOneof("record_type") == "exit"
+            if record.WhichOneof("record_type") == "history":
+                items = {"/".join(i.nested_key) or i.key: i.value_json for i in record.history.item}
+                step = int(items.pop("_step"))
+                for tag, value in items.items():
+                    if not tag.startswith("_"):
+                        history[tag].append((step, float(value)))
+    return dict(history), complete
 
 
 def _log(run_dir: Path, cfg: LoggerConfig, records: list[dict], keep_up_to: int = -1) -> None:

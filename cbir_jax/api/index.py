@@ -318,6 +318,8 @@ class Index:
             if not source.is_relative_to(root_dir):
                 if not copy:
                     raise DataError(f"add: {f} is outside the indexed folder {root}; move it there, or add(..., copy=True)")
+                if not source.is_file():
+                    raise DataError(f"add: cannot copy {f}: no such file")
                 target = root_dir / source.name
                 if target.exists() and not (target.is_file() and target.read_bytes() == source.read_bytes()):
                     raise DataError(f"add: cannot copy {f} into {root}: {source.name} is already another file there")
