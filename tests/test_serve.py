@@ -309,6 +309,7 @@ def test_one_command_starts_the_page_on_loopback(tmp_path):
         assert line.startswith("search page: "), f"the page did not start: {log.read_text()[-2000:]}"
         url = line.split()[2]
         assert url.startswith("http://127.0.0.1:")
+        assert proc.stdout.readline().startswith(f"outputs: {tmp_path}/ (.hydra/, serve.log")
         status, body = _json(url, "/api/gallery")
         assert status == 200 and body["size"] == 42 and body["scorers"] == ["cosine", "dba_alpha_qe"]
     finally:
