@@ -139,7 +139,7 @@ def prepare_gallery(cfg_dict: DictConfig, overridden: frozenset[str] = frozenset
         if len(keep) < len(index):
             index = index.subset(keep)
     name = f"index {Path(cfg.index).name}" if cfg.index else index.name
-    gallery = PreparedGallery(name=name, index=index, k=max(1, min(cfg.k, len(index))))
+    gallery = PreparedGallery(name=name, index=index, k=max(1, min(cfg.k, len(index), MAX_K)))
     warm_up(gallery)
     return gallery
 
