@@ -266,22 +266,25 @@ def test_a_damaged_newer_or_foreign_index_is_one_line(pixels_index, tmp_path):
         cbir_jax.Index.load(tmp_path / "missing.index")
 
 
-def _run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+def _run(*args: str, ok: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
     if ok:
         assert out.returncode == 0, out.stderr[-2000:]
     return out
 
 
 def test_index_then_search_commands(photos, tmp_path):
-    """`python -m cbir_jax.index` writes the file and says so; `search index=FILE` ranks against it without
-    `data=`; a damaged index is one line and exit 2."""
+    """`python -m cbir_jax.index` writes the file and says so, and its Hydra record under outputs/index/ (never
+    outputs/runs/, which holds training runs); `search index=FILE` ranks against it without `data=`; a damaged
+    index is one line and exit 2."""
     out_file = tmp_path / "photos.index"
-    common = [f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'logs'}"]
     out = _run("cbir_jax.index", "data=folder", f"data.root={photos}", f"out={out_file}", "backbone=pixels",
-               "backbone.image_size=16", *common)
+               "backbone.image_size=16", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    (day,) = (tmp_path / "outputs" / "index").iterdir()
+    (logs,) = day.iterdir()
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["index"]
     assert out.stdout.strip().splitlines()[-1] == (f"outputs: {out_file} (84 images, 1 skipped, scorer cosine); "
-                                                   f"{tmp_path / 'logs'}/ (.hydra/, index.log)")
+                                                   f"{logs}/ (.hydra/, index.log)")
     query = photos / "gravel" / "view_03.jpg"
     out = _run("cbir_jax.search", f"index={out_file}", f"query={query}", "k=3",
                f"hydra.run.dir={tmp_path / 'search'}")

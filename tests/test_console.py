@@ -1,22 +1,17 @@
 """What a command prints: progress as a bar on a terminal and plain lines elsewhere (never a `\\r` in a file),
-no ETA until the first (compiling) step is done, a table from `diagnose`, and a multirun's closing lines."""
+no ETA until the first (compiling) step is done, a table from `diagnose`, and a multirun's closing lines.
+The commands themselves, their output piped, are checked in tests/test_pipeline.py::test_command_lines."""
 
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from cbir_jax.core import progress
 from cbir_jax.core.progress import Bar, PlainProgress
 from cbir_jax.diagnose import summary
 from cbir_jax.runs.cli import sweep_summary
-
-from helpers import FAST
 
 
 def test_a_bar_shows_no_eta_until_the_first_step_is_done_and_then_ignores_its_time():
@@ -98,23 +93,3 @@ def test_the_sweep_summary_names_the_folder_its_jobs_and_the_report_command(tmp_
         f"sweep: {tmp_path}/ (2 jobs: 0_head=mlp, 1_head=cosine)",
         f"report: python -m cbir_jax.report {tmp_path}",
     ]
-
-
-@pytest.mark.slow
-def test_a_multirun_redirected_to_a_file_has_no_carriage_return_and_ends_with_the_report_command(tmp_path):
-    log = tmp_path / "out.txt"
-    sweep = tmp_path / "sweep"
-    with log.open("w") as f:
-        done = subprocess.run([sys.executable, "-m", "cbir_jax.train", "-m", "head=mlp,cosine", *FAST,
-                               "train.epochs=1", f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"],
-                              stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=Path.cwd())
-    text = log.read_text()
-    assert done.returncode == 0, text[-2000:]
-    assert "\r" not in text
-    assert "train: " in text and " steps in " in text  # progress, as plain lines
-    last = text.strip().splitlines()
-    assert last[-2].startswith(f"sweep: {sweep}/ (2 jobs: 0_") and last[-1] == f"report: python -m cbir_jax.report {sweep}"
-    report = subprocess.run([sys.executable, "-m", "cbir_jax.report", str(sweep)], capture_output=True, text=True,
-                            timeout=120)
-    assert report.returncode == 0 and "\r" not in report.stdout + report.stderr, report.stderr[-2000:]
-    assert report.stdout.strip().splitlines()[-1].startswith("outputs: ")

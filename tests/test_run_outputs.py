@@ -147,20 +147,6 @@ def test_each_command_has_its_own_output_folder(job, checkpoint, expected):
     assert run_dir_for(job, checkpoint, "2026-12-02/11-00-00") == expected
 
 
-def test_index_writes_its_logs_under_outputs_index_and_names_them(tmp_path):
-    (tmp_path / "photos" / "a").mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(np.full((24, 24, 3), 60 * i, np.uint8)).save(tmp_path / "photos" / "a" / f"{i}.png")
-    out = _cli("cbir_jax.index", "data=folder", "data.root=photos", "out=photos.index", "backbone=pixels",
-               "backbone.image_size=8", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    (day,) = (tmp_path / "outputs" / "index").iterdir()
-    (logs,) = day.iterdir()
-    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["index"]  # nothing under outputs/runs/
-    assert out.stdout.strip().splitlines()[-1] == (
-        f"outputs: photos.index (3 images, 0 skipped, scorer cosine); {logs}/ (.hydra/, index.log)")
-
-
 def test_curves_of_records_without_validation_or_steps_still_draw(tmp_path):
     records = [{"step": 1, "epoch": 0, "loss": 2.0}, {"step": 2, "epoch": 0, "loss": 0.01}]  # log axis
     assert curves.plot_curves(records, tmp_path / "a.png").stat().st_size > 0
