@@ -137,7 +137,7 @@ def test_the_page_searches_uploads_clicks_and_survives_a_bad_file(page_url, brow
 
     # The controls: k and the scorers, per request, into the URL.
     page.fill("#k", "3")
-    page.locator("#k").dispatch_event("change")
+    page.locator("#k").blur()  # commits the value: the browser's own change event
     page.wait_for_function("document.querySelectorAll('.column[data-scorer=cosine] .hit').length === 3", timeout=60_000)
     page.locator("#scorers input[value=euclid]").uncheck()
     page.wait_for_function("document.querySelectorAll('.column').length === 2", timeout=60_000)

@@ -4,7 +4,7 @@
 "use strict";
 
 const PAGE = 48;
-const state = { size: 0, offset: 0, info: null, file: null, fileUrl: null };
+const state = { size: 0, offset: 0, info: null, file: null, fileUrl: null, seq: 0 };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, cls, text) {
@@ -153,20 +153,23 @@ function showResults(results) {
 }
 
 async function run(request, imageUrlFor, what, q, push) {
+  const seq = ++state.seq;  // answers can arrive out of order: only the latest request's is shown
   setBusy(true);
   try {
     const body = await getJson(await request());
+    if (seq !== state.seq) return;
     showError("");
     showQuery(body.query, imageUrlFor(body.query));
     showResults(body.results);
     remember(q, push);
   } catch (e) {
+    if (seq !== state.seq) return;
     // Stale results would look like this query's: clear them, and the URL no longer names a query.
     clearQuery("no query");
     showError(`${what}: ${e.message}`);
     remember(null, push);
   } finally {
-    setBusy(false);
+    if (seq === state.seq) setBusy(false);
   }
 }
 
