@@ -161,6 +161,21 @@ def test_the_page_searches_uploads_clicks_and_survives_a_bad_file(page_url, brow
     page.go_forward()
     _shows_query(page, row)
 
+    # Answers that arrive out of order: a slow earlier request never overwrites the latest one.
+    held = []
+    page.route("**/api/search/*", lambda route: held.append(route) if "k=2&" in route.request.url else route.continue_())
+    page.fill("#k", "2")
+    page.locator("#k").blur()  # held back by the route
+    page.fill("#k", "4")
+    page.locator("#k").blur()
+    page.wait_for_function(f"document.querySelectorAll('.column[data-scorer=cosine] .hit').length === 4", timeout=60_000)
+    assert len(held) == 1
+    with page.expect_response(lambda r: "k=2&" in r.url):
+        held[0].continue_()
+    page.wait_for_timeout(500)
+    assert page.locator(".column[data-scorer=cosine] .hit").count() == 4 and _params(page)["k"] == "4"
+    page.unroute("**/api/search/*")
+
     # A shared link opens on its query, k and scorers.
     other = browser.new_page(viewport={"width": 1400, "height": 1000})
     other.goto(f"{url}?q=7&k=4&scorers=euclid")
@@ -188,5 +203,6 @@ def test_the_page_searches_uploads_clicks_and_survives_a_bad_file(page_url, brow
     page.locator("#gallery figure").nth(7).click()
     _shows_query(page, "7")
     assert page.locator("#error").is_hidden()
-    assert page.locator(".column[data-scorer=cosine] .hit").count() == k
+    assert page.locator(".column[data-scorer=cosine] .hit").count() == 4  # the k chosen above still holds
+    assert _params(page) == {"q": "7", "k": "4", "scorers": "cosine,euclid,dba_alpha_qe"}
     page.close()
