@@ -12,8 +12,9 @@ __version__ = "0.1.0"
 
 # The public API, imported on first use (PEP 562): `import cbir_jax.core.errors` (which every stage does)
 # must not pull in JAX, Flax and the whole pipeline, nor create an import cycle through the API.
-_LAZY = {"Index": "cbir_jax.api.index", "load_run": "cbir_jax.runs.trained", "Run": "cbir_jax.runs.trained"}
-__all__ = ["Index", "Run", "load_run", "__version__"]
+_LAZY = {"Index": "cbir_jax.api.index", "load_run": "cbir_jax.runs.trained", "Run": "cbir_jax.runs.trained",
+         "fit": "cbir_jax.train", "Trained": "cbir_jax.train"}
+__all__ = ["Index", "Run", "Trained", "fit", "load_run", "__version__"]
 
 
 def __getattr__(name: str):

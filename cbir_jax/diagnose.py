@@ -9,7 +9,8 @@ trained head (its `eval.select` checkpoint) on the run's own split:
 - ranking: leave-one-out MAP@R on the training rows beside the held-out rows;
 - hubness: skewness of N10 and the share of top-10 slots taken by the 1% most frequent items.
 
-Writes `diagnostics.json` and `diagnostics.png` (into `RUN/diagnose/<time>/` with a checkpoint).
+Prints two tables (the label, the scorers); writes every number to `diagnostics.json`, and `diagnostics.png`, into `RUN/diagnose/<date>_<time>/` with a checkpoint, else
+`outputs/diagnose/<date>/<time>/`.
 `train.diagnose=true` runs the same at the end of training (what the `diagnostics` study tabulates).
 
 Examples:
@@ -19,7 +20,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,47 @@ def diagnose(cfg_dict: DictConfig, out_dir: Path, overridden: frozenset[str] = f
     else:
         stage = load_stage(cfg)
     result = run_diagnostics(cfg, stage, learned, out_dir)
-    print(json.dumps(result, indent=2), flush=True)
+    print(summary(result), flush=True)
     return result
+
+
+LABEL_COLUMNS = ("auc_same_class", "spearman_with_cosine", "additive_share", "mean_target_same", "mean_target_different")
+# (column, where in a scorer's block): the numbers the README's reading of a diagnosis uses.
+SCORER_COLUMNS = (
+    ("fit (train pairs)", ("fit_train_pairs",)),
+    ("fit (fresh pairs)", ("fit_fresh_pairs",)),
+    ("AUC same class", ("pairs", "auc_same_class")),
+    ("MAP@R train rows", ("train_rows", "map_at_r")),
+    ("MAP@R held-out", ("held_out_rows", "map_at_r")),
+    ("P@1 held-out", ("held_out_rows", "precision_at_1")),
+    ("N10 skew held-out", ("held_out_rows", "n10_skewness")),
+    ("top-1% share held-out", ("held_out_rows", "n10_top1pct_share")),
+)
+
+
+def summary(result: dict[str, Any]) -> str:
+    """Two markdown tables (the label's quality, each scorer's fit and ranking) instead of the raw JSON,
+    which diagnostics.json keeps in full."""
+    label, rows = result["label"], result["rows"]
+    lines = [f"**label {label['name']}** ({rows['train']} training rows, {rows['held_out']} held-out rows, "
+             f"{rows['pairs']:,} training pairs)", "",
+             "| rows | " + " | ".join(LABEL_COLUMNS) + " |", "|---" * (len(LABEL_COLUMNS) + 1) + "|"]
+    for side in ("train", "held_out"):
+        lines.append(f"| {side} | " + " | ".join(_number(label[side].get(c)) for c in LABEL_COLUMNS) + " |")
+    lines += ["", "| scorer | " + " | ".join(c for c, _ in SCORER_COLUMNS) + " |", "|---" * (len(SCORER_COLUMNS) + 1) + "|"]
+    for name, block in result["scorers"].items():
+        lines.append(f"| {name} | " + " | ".join(_number(_at(block, path)) for _, path in SCORER_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _at(block: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        block = block.get(key) if isinstance(block, dict) else None
+    return block
+
+
+def _number(value: Any) -> str:
+    return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

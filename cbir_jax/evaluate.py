@@ -2,7 +2,8 @@
 
 Compares the trained scorer (if a checkpoint is given) with the fixed metrics and re-rankers on the same
 queries and gallery; prints one table and writes `metrics.json` ({scorer: {metric: value}}), `metrics.md`,
-`per_query.npz` and `topk.png` under `RUN_DIR/eval/<time>/` (without a checkpoint: `outputs/runs/<time>/`).
+`per_query.npz` and `topk.png` under `RUN_DIR/eval/<date>_<time>/` (without a checkpoint:
+`outputs/eval/<date>/<time>/`).
 
 Examples:
   python -m cbir_jax.evaluate checkpoint=outputs/runs/<date>/<time>                  # its held-out split

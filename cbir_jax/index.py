@@ -2,7 +2,9 @@
 
 Indexes a folder once into one file (`cbir_jax/api/store.py`); `python -m cbir_jax.search index=FILE
 query=IMAGE` then ranks against it without extracting the gallery again. The scorer is the run's learned
-one with `checkpoint=`, else `head=` when it names a fixed metric (default: cosine).
+one with `checkpoint=`, else `head=` when it names a fixed metric (default: cosine). Hydra's record of
+the command (`.hydra/`, `index.log`) goes to `outputs/index/<date>/<time>/` (`RUN/index/<date>_<time>/` with
+a checkpoint); the last line names both.
 
 Examples:
   python -m cbir_jax.index data=folder data.root=photos out=photos.index
@@ -20,7 +22,7 @@ from omegaconf import DictConfig
 from cbir_jax.api import Index
 from cbir_jax.core.config import CONFIG_DIR
 from cbir_jax.data import DataError
-from cbir_jax.runs.cli import overridden_keys, run_or_exit, to_typed
+from cbir_jax.runs.cli import overridden_keys, run_dir, run_or_exit, to_typed, written
 from cbir_jax.runs.trained import load_run
 from cbir_jax.scoring import heads
 from cbir_jax.core.errors import CheckpointError
@@ -51,7 +53,8 @@ def index(cfg_dict: DictConfig, overridden: frozenset[str] = frozenset()) -> tup
 def main(cfg: DictConfig) -> None:
     path, built = run_or_exit(lambda: index(cfg, overridden_keys()))
     summary = f"{len(built)} images, {len(built.skipped)} skipped, scorer {built.scorer_name}"
-    print(f"outputs: {path} ({summary})", flush=True)
+    logs = run_dir()  # Hydra's record of the command (.hydra/, index.log): named too, not left unsaid
+    print(f"outputs: {path} ({summary}); {logs}/ ({', '.join(written(logs)) or 'nothing written'})", flush=True)
 
 
 if __name__ == "__main__":

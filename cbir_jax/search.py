@@ -3,7 +3,7 @@
 
 Ranks the gallery (every image of `data`, or a saved index from `python -m cbir_jax.index`) for one query
 image; prints the ranked list and writes a PNG grid of the query and its top-k with scores (search.png),
-under `RUN_DIR/search/<time>/` with a checkpoint, else `outputs/runs/<time>/`.
+under `RUN_DIR/search/<date>_<time>/` with a checkpoint, else `outputs/search/<date>/<time>/`.
 
 Examples:
   python -m cbir_jax.search checkpoint=outputs/runs/<date>/<time> query=photo.jpg k=10

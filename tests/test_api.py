@@ -23,7 +23,7 @@ import cbir_jax
 from cbir_jax.api import IndexFileError, QueryError
 from cbir_jax.core.config import DataConfig, FeaturesConfig
 from cbir_jax.core.registry import UnknownComponentError
-from cbir_jax.data import ImageLoadError
+from cbir_jax.data import DataError, ImageLoadError
 from cbir_jax.data import embedded
 from helpers import compose_config
 
@@ -80,12 +80,37 @@ def test_the_readme_example_as_written(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again[1], ns["ids"])
     np.testing.assert_array_equal(again[0], ns["scores"])
     assert again[2] == ns["paths"]
+    with pytest.raises(DataError, match=r"^add: new1.jpg is outside the indexed folder .*photos; move it there"):
+        index.add(["new1.jpg"])  # "../new1.jpg" would be lost when the folder and its index move
+    assert len(index) == 10 and not (tmp_path / "photos" / "new1.jpg").exists()
     exec(lines[-1], ns)  # noqa: S102
-    assert len(index) == 12 and index.paths[-2:] == ["../new1.jpg", "../new2.jpg"]
+    assert len(index) == 12 and index.paths[-2:] == ["new1.jpg", "new2.jpg"]
+    assert (tmp_path / "photos" / "new1.jpg").read_bytes() == (tmp_path / "new1.jpg").read_bytes()
     assert list(index.labels[-2:]) == [-1, -1]  # outside the class folders: no class
     for name, expected_id in (("new1.jpg", 10), ("new2.jpg", 11)):
         scores, ids, _ = index.search(name, k=3)
         assert ids[0] == expected_id and scores[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_readme_fit_example_as_written(tmp_path, monkeypatch, capsys):
+    """The README's notebook lines, verbatim: a run folder like the command's, its metrics, its curves, and
+    a search with the trained head."""
+    section = README.read_text().split("## Training from Python or a notebook", 1)[1]
+    lines = [line for line in re.search(r"```python\n(.*?)```", section, re.S).group(1).splitlines() if line.strip()]
+    assert len(lines) == 5 and lines[0] == "import cbir_jax" and "cbir_jax.fit(" in lines[1]
+    _write_photos(tmp_path / "photos", views=2, photos=5)
+    shutil.copy(tmp_path / "photos" / "cat" / "view_01.jpg", tmp_path / "query.jpg")
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec("\n".join(lines), ns)  # noqa: S102  (the README's own lines)
+    result = ns["result"]
+    assert isinstance(result, cbir_jax.Trained) and result.path.parent.parent == Path("outputs/runs")
+    assert json.loads((result.path / "metrics.json").read_text()) == result.metrics
+    assert result.metrics["mlp"]["map_at_r"] > 0 and "val_map_at_r" in result.validation
+    assert result.history and result.history[-1]["step"] > 0
+    assert result.run.head == "mlp" and repr(result).startswith("Trained(Run(")
+    assert ns["paths"][0] == str(tmp_path / "photos" / "cat" / "view_01.jpg") and len(ns["ids"]) == 5
+    assert f"outputs: {result.path}/ (" in capsys.readouterr().out
 
 
 def test_search_accepts_paths_pil_images_arrays_and_batches(pixels_index, photos):
@@ -156,6 +181,27 @@ def test_add_grows_the_index_and_refit_equals_a_fresh_build(photos, tmp_path):
     np.testing.assert_allclose(np.abs(index.gallery()[order]), np.abs(fresh.gallery()), atol=1e-5)  # PCA sign
 
 
+def test_add_copies_files_from_outside_only_when_asked_and_never_overwrites(photos, tmp_path):
+    root = tmp_path / "photos"
+    shutil.copytree(photos / "cat", root / "cat")
+    index = cbir_jax.Index.build("pixels", root, cache_dir=str(tmp_path / "cache"))
+    n = len(index)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(photos / "moon" / "view_00.jpg", tmp_path / "a" / "new.jpg")
+    shutil.copy(photos / "coffee" / "view_00.jpg", tmp_path / "b" / "new.jpg")
+    with pytest.raises(DataError, match="is outside the indexed folder") as e:
+        index.add([root / "cat" / ".." / ".." / "a" / "new.jpg"])
+    assert "\n" not in str(e.value) and len(index) == n
+    assert list(index.add(tmp_path / "a" / "new.jpg", copy=True)) == [n] and index.paths[-1] == "new.jpg"
+    assert index.add(tmp_path / "a" / "new.jpg", copy=True).size == 0  # the same file: already indexed
+    with pytest.raises(DataError, match="new.jpg is already another file there"):
+        index.add(tmp_path / "b" / "new.jpg", copy=True)
+    with pytest.raises(DataError, match="cannot copy .*missing.jpg: no such file"):
+        index.add(tmp_path / "b" / "missing.jpg", copy=True)
+    assert (root / "new.jpg").read_bytes() == (tmp_path / "a" / "new.jpg").read_bytes() and len(index) == n + 1
+
+
 def test_save_load_round_trip_moves_with_its_folder(photos, tmp_path):
     """The folder is stored relative to the index file: move both together and the index still finds it."""
     place = tmp_path / "a"
@@ -220,21 +266,25 @@ def test_a_damaged_newer_or_foreign_index_is_one_line(pixels_index, tmp_path):
         cbir_jax.Index.load(tmp_path / "missing.index")
 
 
-def _run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+def _run(*args: str, ok: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
     if ok:
         assert out.returncode == 0, out.stderr[-2000:]
     return out
 
 
 def test_index_then_search_commands(photos, tmp_path):
-    """`python -m cbir_jax.index` writes the file and says so; `search index=FILE` ranks against it without
-    `data=`; a damaged index is one line and exit 2."""
+    """`python -m cbir_jax.index` writes the file and says so, and its Hydra record under outputs/index/ (never
+    outputs/runs/, which holds training runs); `search index=FILE` ranks against it without `data=`; a damaged
+    index is one line and exit 2."""
     out_file = tmp_path / "photos.index"
-    common = [f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'logs'}"]
     out = _run("cbir_jax.index", "data=folder", f"data.root={photos}", f"out={out_file}", "backbone=pixels",
-               "backbone.image_size=16", *common)
-    assert out.stdout.strip().splitlines()[-1] == f"outputs: {out_file} (84 images, 1 skipped, scorer cosine)"
+               "backbone.image_size=16", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    (day,) = (tmp_path / "outputs" / "index").iterdir()
+    (logs,) = day.iterdir()
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["index"]
+    assert out.stdout.strip().splitlines()[-1] == (f"outputs: {out_file} (84 images, 1 skipped, scorer cosine); "
+                                                   f"{logs}/ (.hydra/, index.log)")
     query = photos / "gravel" / "view_03.jpg"
     out = _run("cbir_jax.search", f"index={out_file}", f"query={query}", "k=3",
                f"hydra.run.dir={tmp_path / 'search'}")
@@ -267,6 +317,7 @@ def test_load_run_and_an_index_with_its_learned_head(photos, tmp_path):
     _train(run_dir, "train.evaluate=false")
     run = cbir_jax.load_run(run_dir)
     assert isinstance(run, cbir_jax.Run) and run.head == "mlp" and run.backbone.name == "pixels"
+    assert repr(run) == f"Run({str(run_dir)!r}, head=mlp, backbone=pixels, features=768-d, select=best)"
     assert run.info["feature_dim"] == 16 * 16 * 3 and run.config.backbone.image_size == 16
     index = cbir_jax.Index.build(run, photos, cache_dir=str(tmp_path / "cache"))
     assert index.scorer_name == "mlp" and index.scorer is run.scorer

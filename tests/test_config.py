@@ -77,10 +77,11 @@ def test_every_choice_enum_is_exactly_its_registry():
     from cbir_jax.core import config
     from cbir_jax.scoring import heads, rerank
     from cbir_jax.scoring.baselines import baseline_names
-    from cbir_jax.training import losses, optim
+    from cbir_jax.training import losses, metrics_log, optim
 
     assert set(config.LossName) == set(losses.LOSSES.names())
     assert set(config.Optimizer) == set(optim.OPTIMIZERS.names())
     assert set(config.FixedMetric) == set(heads.FIXED_METRICS)
     assert set(config.TunedBaseline) == set(rerank.RERANKERS.names())
     assert set(config.Baseline) == set(baseline_names())
+    assert set(config.LoggerName) == set(metrics_log.LOGGERS.names())

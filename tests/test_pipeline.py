@@ -134,6 +134,7 @@ def test_command_lines(tmp_path):
     def call(*args):
         out = subprocess.run(env_cmd + list(args), capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
+        assert "\r" not in out.stdout + out.stderr  # redirected: plain progress lines, no bar redraws
         return out
 
     out = call("cbir_jax.train", "head=mlp", "labels=ssim_ratio", f"hydra.run.dir={run}", *common)
@@ -153,9 +154,21 @@ def test_command_lines(tmp_path):
     out = call("cbir_jax.search", f"checkpoint={run}", f"query={query}", "k=3", f"cache_dir={tmp_path / 'cache'}")
     (search_dir,) = (run / "search").iterdir()
     assert (search_dir / "search.png").exists() and f"outputs: {search_dir}/ (" in out.stdout
-    call("cbir_jax.train", "-m", "head=mlp,cosine", "labels=euclid", f"hydra.sweep.dir={tmp_path / 'sweep'}", *common)
-    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert len(jobs) == 2 and all((tmp_path / "sweep" / j / "metrics.json").exists() for j in jobs)
+    out = call("cbir_jax.diagnose", f"checkpoint={run}", f"cache_dir={tmp_path / 'cache'}")
+    (diagnose_dir,) = (run / "diagnose").iterdir()
+    assert "| scorer | fit (train pairs)" in out.stdout and "| mlp |" in out.stdout and "{" not in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith(f"outputs: {diagnose_dir}/ (")
+    sweep = tmp_path / "sweep"
+    out = call("cbir_jax.train", "-m", "head=mlp,cosine", "labels=euclid", f"hydra.sweep.dir={sweep}", *common)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and all((sweep / j / "metrics.json").exists() for j in jobs)
+    assert "train: " in out.stderr and " steps in " in out.stderr  # progress as plain lines (and no \r: call)
+    # a multirun ends with its folder and the command that tabulates it; that command works as printed
+    *_, sweep_line, report_line = out.stdout.strip().splitlines()
+    assert sweep_line == f"sweep: {sweep}/ (2 jobs: {', '.join(jobs)})"
+    assert report_line == f"report: python -m cbir_jax.report {sweep}"
+    out = call(*report_line.removeprefix("report: python -m ").split())
+    assert out.stdout.strip().splitlines()[-1].startswith(f"outputs: {sweep.parent}/ (")
     bad = subprocess.run(env_cmd + ["cbir_jax.evaluate", "data=folder", f"data.root={tmp_path / 'nope'}",
                                     f"hydra.run.dir={tmp_path / 'e2'}"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no such folder" in bad.stderr

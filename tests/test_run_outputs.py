@@ -126,6 +126,25 @@ def test_train_starts_without_the_tpu_probe_line_and_ends_with_its_outputs(tmp_p
     assert probe not in (run / "train.log").read_text()
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith(f"outputs: {run}/ (") and "curves.png" in last and "tensorboard/" in last
+    assert ".hydra/" in last and "train.log" in last  # every file written, Hydra's too
+    assert "\r" not in out.stdout + out.stderr and "train: " in out.stderr  # progress as plain lines in a pipe
+
+
+@pytest.mark.parametrize("job, checkpoint, expected", [
+    ("train", None, "outputs/runs/2026-12-02/11-00-00"),
+    ("evaluate", None, "outputs/eval/2026-12-02/11-00-00"),
+    ("search", None, "outputs/search/2026-12-02/11-00-00"),
+    ("index", None, "outputs/index/2026-12-02/11-00-00"),
+    ("diagnose", None, "outputs/diagnose/2026-12-02/11-00-00"),
+    ("serve", None, "outputs/serve/2026-12-02/11-00-00"),
+    ("evaluate", "outputs/runs/d/t", "outputs/runs/d/t/eval/2026-12-02_11-00-00"),
+    ("search", "outputs/runs/d/t", "outputs/runs/d/t/search/2026-12-02_11-00-00"),
+    ("train", "outputs/runs/d/t", "outputs/runs/2026-12-02/11-00-00"),  # a checkpoint never nests a training run
+])
+def test_each_command_has_its_own_output_folder(job, checkpoint, expected):
+    from cbir_jax.core.config import run_dir_for
+
+    assert run_dir_for(job, checkpoint, "2026-12-02/11-00-00") == expected
 
 
 def test_curves_of_records_without_validation_or_steps_still_draw(tmp_path):

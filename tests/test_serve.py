@@ -133,6 +133,38 @@ def test_an_uploaded_gallery_image_ranks_itself_first(site):
     assert all(h["relevant"] is None for c in body["results"] for h in c["hits"])  # no label for an upload
 
 
+def test_k_and_the_scorers_are_chosen_per_request(site):
+    gallery = site["gallery"]
+    status, info = _json(site["url"], "/api/gallery")
+    assert info["max_k"] == len(gallery) and set(info["meanings"]) == {"cosine", "dba_alpha_qe"}
+    _, every = _json(site["url"], "/api/search/4")
+    status, body = _json(site["url"], "/api/search/4?k=3&scorers=cosine")
+    assert status == 200 and body["k"] == 3 and [c["scorer"] for c in body["results"]] == ["cosine"]
+    assert [h["row"] for h in body["results"][0]["hits"]] == [h["row"] for h in every["results"][0]["hits"][:3]]
+    assert "cosine similarity" in body["results"][0]["meaning"]
+    status, body = _json(site["url"], "/api/search/4?k=2&scorers=dba_alpha_qe,cosine")
+    assert [c["scorer"] for c in body["results"]] == ["dba_alpha_qe", "cosine"]  # the order asked for
+    assert [len(c["hits"]) for c in body["results"]] == [2, 2]
+    data = (site["root"] / "coffee" / "1.png").read_bytes()
+    status, body = _json(site["url"], "/api/search?k=1&scorers=dba_alpha_qe", method="POST", body=data)
+    assert status == 200 and [len(c["hits"]) for c in body["results"]] == [1]
+
+
+@pytest.mark.parametrize("query, message", [
+    ("k=0", "k=0: must be between 1 and 10"),
+    ("k=11", "k=11: must be between 1 and 10"),  # the gallery has 10 images
+    ("k=-1", "k='-1': must be a whole number"),
+    ("k=abc", "k='abc': must be a whole number"),
+    ("k=99999999999999", "k=999999999...: must be between 1 and 10"),
+    ("scorers=diffusion", "unknown scorer 'diffusion'; this page has: cosine, dba_alpha_qe"),
+    ("scorers=cosine,..%2Fsecret", "unknown scorer '../secret'; this page has: cosine, dba_alpha_qe"),
+])
+def test_a_bad_k_or_scorer_is_refused_with_one_line_not_ignored(site, query, message):
+    for method, path, body in (("GET", f"/api/search/0?{query}", None), ("POST", f"/api/search?{query}", b"x")):
+        status, reply = _json(site["url"], path, method=method, body=body)
+        assert (status, reply["detail"]) == (400, message)
+
+
 def test_the_engine_ranks_without_the_web_layer(site):
     ranked = search_row(site["gallery"], 0)
     assert [r.scorer for r in ranked] == ["cosine", "dba_alpha_qe"]
@@ -277,6 +309,7 @@ def test_one_command_starts_the_page_on_loopback(tmp_path):
         assert line.startswith("search page: "), f"the page did not start: {log.read_text()[-2000:]}"
         url = line.split()[2]
         assert url.startswith("http://127.0.0.1:")
+        assert proc.stdout.readline().startswith(f"outputs: {tmp_path}/ (.hydra/, serve.log")
         status, body = _json(url, "/api/gallery")
         assert status == 200 and body["size"] == 42 and body["scorers"] == ["cosine", "dba_alpha_qe"]
     finally:

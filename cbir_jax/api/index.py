@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -303,10 +304,13 @@ class Index:
 
     # ---- growing ------------------------------------------------------------------------------------------
 
-    def add(self, files: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]) -> np.ndarray:
+    def add(self, files: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], *, copy: bool = False) -> np.ndarray:
         """Appends image files; returns their new ids. Files already indexed are left alone, unreadable ones
         skipped, named and counted (as in `build`).
 
+        Files must lie inside the indexed folder, so the index and its folder still move together; one outside
+        is refused (one line) unless `copy=True`, which copies it into the folder's top level first (a name
+        already taken there by another file is refused rather than overwritten).
         The post-processing fitted at build time is kept, so earlier scores do not change; `refit()`
         re-fits it on every row (as building from scratch would).
         """
@@ -317,16 +321,32 @@ class Index:
         if bad:
             raise QueryError(f"add() takes image paths, not {type(bad[0]).__name__}")
         root = Path(self._data.root)
+        root_dir = Path(os.path.expanduser(root)).resolve()
         known = set(self._data.paths)
-        rel, full = [], []
+        rel, full, copies = [], [], []
         for f in files:
-            r = Path(os.path.relpath(os.path.abspath(os.path.expanduser(f)), root)).as_posix()
+            given = Path(os.path.expanduser(f)).absolute()
+            source = given.parent.resolve() / given.name  # `..` and linked folders resolved; the file as named
+            if not source.is_relative_to(root_dir):
+                if not copy:
+                    raise DataError(f"add: {f} is outside the indexed folder {root}; move it there, or add(..., copy=True)")
+                if not source.is_file():
+                    raise DataError(f"add: cannot copy {f}: no such file")
+                target = root_dir / source.name
+                if target.exists() and not (target.is_file() and target.read_bytes() == source.read_bytes()):
+                    raise DataError(f"add: cannot copy {f} into {root}: {source.name} is already another file there")
+                copies.append((source, target))
+                source = target
+            r = source.relative_to(root_dir).as_posix()
             if r in known:
                 log.info("add: %s is already indexed", f)
                 continue
             known.add(r)
             rel.append(r)
             full.append(str(root / r))
+        for source, target in copies:  # only once every file is known to be acceptable
+            if not target.exists():
+                shutil.copy2(source, target)
         if not rel:
             return np.zeros(0, np.int64)
         dataset = ImageDataset(name="add", ids=rel, load=lambda i: load_image_file(full[i]), labels=None,

@@ -53,6 +53,7 @@ LossName = choice("LossName", "mse", "contrastive", "ranking", "listwise")
 Optimizer = choice("Optimizer", "adamw", "adam", "sgd")
 FixedMetric = choice("FixedMetric", "cosine", "euclid", "ssim", "ssim_ratio")
 Baseline = choice("Baseline", *FixedMetric, *TunedBaseline)  # a fixed metric or a non-learned re-ranker
+LoggerName = choice("LoggerName", "csv", "tensorboard", "mlflow", "wandb")  # metrics_log.LOGGERS
 
 
 @dataclasses.dataclass
@@ -262,6 +263,21 @@ class ServeConfig:
 
 
 @dataclasses.dataclass
+class LoggerConfig:
+    """`logger=csv|tensorboard|mlflow|wandb` (configs/logger/): where training curves go besides metrics.jsonl,
+    which every run writes. mlflow and wandb need the [loggers] extra; neither needs a network."""
+
+    name: LoggerName = LoggerName.tensorboard
+    # mlflow: the experiment; wandb: the project.
+    project: str = "cbir_jax"
+    # mlflow: the tracking store. The default is a local SQLite file (MLflow's own file store is deprecated
+    # and refuses new use); `mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db` shows it.
+    tracking_uri: str = "sqlite:///outputs/mlflow.db"
+    # wandb: offline writes RUN/wandb/ (`wandb sync RUN/wandb/offline-run-*` uploads it later); online needs a login.
+    mode: str = "offline"
+
+
+@dataclasses.dataclass
 class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
@@ -273,6 +289,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
+    logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
     seed: int = 0
     # Features, converted weights and tuning results; `$CBIR_JAX_CACHE` or ~/.cache/cbir_jax unless set.
     cache_dir: str = "${cbir_jax.default_cache_dir:}"
@@ -296,14 +313,18 @@ def default_cache_dir() -> str:
 
 # Where a command reading a trained run writes: under that run, so its evaluations and searches stay with it.
 RUN_SUBDIRS = {"evaluate": "eval", "search": "search", "diagnose": "diagnose", "index": "index"}
+# Where each command writes otherwise: outputs/<folder>/<date>/<time>/, so outputs/runs/ holds training runs only.
+OUTPUT_DIRS = {"train": "runs", "evaluate": "eval", "search": "search", "index": "index", "diagnose": "diagnose",
+               "serve": "serve"}
 
 
 def run_dir_for(job: str, checkpoint: Optional[str], stamp: str) -> str:
-    """`hydra.run.dir` (configs/config.yaml): `<checkpoint>/eval/<stamp>` for `evaluate checkpoint=RUN` (and
-    search, diagnose), else `outputs/runs/<stamp>`."""
-    if checkpoint and job in RUN_SUBDIRS:
-        return str(Path(checkpoint) / RUN_SUBDIRS[job] / stamp.replace("/", "_"))
-    return f"outputs/runs/{stamp}"
+    """`hydra.run.dir` (configs/config.yaml): `<checkpoint>/eval/<date>_<time>` for `evaluate checkpoint=RUN`
+    (search, diagnose and index likewise), else `outputs/<command's folder>/<date>/<time>` (OUTPUT_DIRS)."""
+    name = help_text.entry_point(job)
+    if checkpoint and name in RUN_SUBDIRS:
+        return str(Path(checkpoint) / RUN_SUBDIRS[name] / stamp.replace("/", "_"))
+    return f"outputs/{OUTPUT_DIRS.get(name, 'runs')}/{stamp}"
 
 
 def preset(group: str, name: str, schema: type[T]) -> T:

@@ -23,6 +23,11 @@ def _entry_point(job: str) -> tuple[str, ModuleType | None]:
     return name, sys.modules.get(name)
 
 
+def entry_point(job: str) -> str:
+    """The running command's short name (`train`, `serve`, ...), also for `python -m cbir_jax.serve`."""
+    return _entry_point(job)[0].rsplit(".", 1)[-1]
+
+
 def command(job: str) -> str:
     """How the command is typed: `python -m cbir_jax.train`."""
     return f"python -m {_entry_point(job)[0]}"

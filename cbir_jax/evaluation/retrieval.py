@@ -6,8 +6,8 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from cbir_jax.core.progress import progress
 from cbir_jax.scoring import ranking
 from cbir_jax.evaluation.metrics import METRIC_NAMES, MetricAccumulator
 from cbir_jax.scoring.scorers import Scorer
@@ -36,7 +36,7 @@ def evaluate_scorer(
     acc = MetricAccumulator()
     top: list[np.ndarray] = []
     n = len(queries)
-    for start in tqdm(range(0, n, query_chunk), desc=f"eval {scorer.name}", unit="chunk", leave=False, mininterval=2.0):
+    for start in progress(range(0, n, query_chunk), desc=f"eval {scorer.name}", unit="chunk", leave=False, mininterval=2.0):
         stop = min(start + query_chunk, n)
         q = np.zeros((query_chunk,) + queries.shape[1:], queries.dtype)
         q[: stop - start] = queries[start:stop]  # fixed shape: one compilation per scorer

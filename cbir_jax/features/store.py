@@ -39,6 +39,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from cbir_jax.core import cache
+import cbir_jax.core.progress
 from cbir_jax.core.errors import UserError
 from cbir_jax.core.files import atomic_write, atomic_write_text
 from cbir_jax.data.base import ImageDataset
@@ -445,8 +446,8 @@ def _extract_shards(store: _Store, shards: list[_Plan], dataset: ImageDataset, i
     n_workers = auto_workers(len(indices), workers)
     stream = decode_stream(indices, backbone.preprocess, load=dataset.load, paths=dataset.paths,
                            workers=n_workers, timeout_s=timeout_s, prefetch=2 * batch_size)
-    bar = tqdm(total=total, initial=initial, desc=f"features ({desc})", unit="img", mininterval=2.0,
-               disable=not progress, smoothing=0.1)
+    bar = (cbir_jax.core.progress.progress(total=total, initial=initial, desc=f"features ({desc})", unit="img", mininterval=2.0) if progress
+           else tqdm(total=total, disable=True))  # a bar on a terminal, plain lines in a log file (core/progress.py)
     written = 0
     try:
         for plan in shards:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cbir_jax.core.config import Config
 from cbir_jax.core.config_checks import validate
@@ -56,7 +57,8 @@ def run_or_exit(fn: Callable[[], T]) -> T:
     logging.raiseExceptions = False
     _sigterm_raises()
     try:
-        return fn()
+        with logging_redirect_tqdm():  # a log line during a bar is printed above it, not through it
+            return fn()
     except (UserError, OSError, KeyboardInterrupt) as e:
         known = one_line(e)
         if known is None or os.environ.get("CBIR_JAX_DEBUG"):
@@ -121,12 +123,17 @@ def to_typed(cfg: DictConfig) -> Config:
     return validate(OmegaConf.to_object(merged))
 
 
+def written(out_dir: Path) -> list[str]:
+    """The folder's files and folders at the top level, Hydra's `.hydra/` and the log included, sorted."""
+    out_dir = Path(out_dir)
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()) if out_dir.is_dir() else []
+
+
 def print_outputs(out_dir: Path, names: Iterable[str] | None = None) -> None:
-    """The last line of every command: where it wrote, and what: `names` (for a command that writes into a
-    shared folder, e.g. report), else the folder's files and folders at the top level."""
-    if names is None:
-        names = (p.name + ("/" if p.is_dir() else "") for p in Path(out_dir).iterdir() if not p.name.startswith(".")) if Path(out_dir).is_dir() else ()
-    print(f"outputs: {out_dir}/ ({', '.join(sorted(names)) or 'nothing written'})", flush=True)
+    """The last line of every command: where it wrote, and everything it wrote there: `names` (for a command
+    that writes into a shared folder, e.g. report), else every entry of the folder (`written`)."""
+    names = written(out_dir) if names is None else sorted(names)
+    print(f"outputs: {out_dir}/ ({', '.join(names) or 'nothing written'})", flush=True)
 
 
 def run_dir() -> Path:
@@ -164,6 +171,21 @@ class RunGuard(Callback):
                 traceback.print_exc()  # a bug in the guard keeps its traceback, and still stops the command
                 sys.exit(1)
             exit_with(*known)
+
+
+class SweepSummary(Callback):
+    """A Hydra callback that ends a multirun with where it wrote and how to tabulate it: each job's own last
+    line names only its folder. Registered in `configs/config.yaml` under `hydra.callbacks`."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print(sweep_summary(Path(str(config.hydra.sweep.dir))), flush=True)
+
+
+def sweep_summary(sweep_dir: Path) -> str:
+    """The multirun's last lines: its folder and jobs, then the `report` command for it."""
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()) if sweep_dir.is_dir() else []
+    return (f"sweep: {sweep_dir}/ ({len(jobs)} job{'s' if len(jobs) != 1 else ''}: {', '.join(jobs) or 'none'})\n"
+            f"report: python -m cbir_jax.report {sweep_dir}")
 
 
 # What a saved index fixes for itself: a command given one of these beside `index=` would silently ignore it.

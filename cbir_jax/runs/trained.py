@@ -102,6 +102,11 @@ class Run:
     def head(self) -> str:
         return self.config.head.name
 
+    def __repr__(self) -> str:
+        """One line: the generated repr printed every weight array (318 KB for an MLP head)."""
+        return (f"Run({str(self.path)!r}, head={self.head}, backbone={self.backbone.name}, "
+                f"features={self.info.get('feature_dim', '?')}-d, select={self.config.eval.select})")
+
 
 def load_run(path: str | os.PathLike, *, select: str = "best", cache_dir: str | None = None) -> Run:
     """Reads a finished run folder (`outputs/runs/<date>/<time>`): config, model facts, backbone and scorer.

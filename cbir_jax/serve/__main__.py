@@ -17,7 +17,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cbir_jax.runs.cli import run_or_exit
+from cbir_jax.runs.cli import print_outputs, run_dir, run_or_exit
 from cbir_jax.core.config import CONFIG_DIR
 
 
@@ -33,6 +33,7 @@ def serve(cfg_dict: DictConfig, overridden: frozenset[str]) -> None:
     app = create_app(gallery, limits)
     print(f"search page: {server.url_of(sock)}  ({gallery.name}, {len(gallery)} images, "
           f"scorers: {', '.join(gallery.scorers)}; Ctrl+C stops it)", flush=True)
+    print_outputs(run_dir())  # the command's config and log
     server.run(app, sock)
 
 
@@ -50,4 +51,6 @@ if __name__ == "__main__":
     except ImportError as e:
         print(f"error: the search page needs the [serve] extra ({e.name} is missing): pip install -e '.[serve]'", file=sys.stderr)
         sys.exit(2)
+    if not any(arg.startswith("hydra.job.name=") for arg in sys.argv):
+        sys.argv.append("hydra.job.name=serve")  # not `__main__`: the log is serve.log, as each command's is
     main()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from importlib import resources
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -21,7 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from cbir_jax.core.config import ServeConfig
 from cbir_jax.data import ImageLoadError
 from cbir_jax.data.base import decode_image
-from cbir_jax.serve.gallery import PreparedGallery, Ranked, image_encoder, search_image, search_row
+from cbir_jax.serve.gallery import (MAX_K, PreparedGallery, Ranked, SearchError, check_request, image_encoder,
+                                    score_meaning, search_image, search_row)
 
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 MAX_PAGE = 200
@@ -79,8 +80,21 @@ def _results(gallery: PreparedGallery, ranked: list[Ranked], query_row: int | No
         for rank, (row, score) in enumerate(zip(r.rows.tolist(), r.scores.tolist()), start=1):
             relevant = None if labels is None or query_row is None else bool(labels[row] == labels[query_row])
             hits.append({"rank": rank, "score": score, "relevant": relevant, **_row(gallery, row)})
-        out.append({"scorer": r.scorer, "ms": r.ms, "hits": hits})
+        out.append({"scorer": r.scorer, "ms": r.ms, "meaning": score_meaning(r.scorer), "hits": hits})
     return out
+
+
+def parse_request(gallery: PreparedGallery, k: Optional[str], scorers: Optional[str]) -> tuple[int, list[str]]:
+    """`?k=5&scorers=cosine,euclid` as checked values; a bad one is a 400 with one line, not a silent default."""
+    number = None
+    if k not in (None, ""):
+        if not k.strip().isdigit():
+            raise SearchError(f"k={k[:20]!r}: must be a whole number")
+        if len(k.strip()) > 9:  # never parse a huge int
+            raise SearchError(f"k={k.strip()[:9]}...: must be between 1 and {min(MAX_K, len(gallery))}")
+        number = int(k.strip())
+    names = [s.strip() for s in scorers.split(",") if s.strip()] if scorers else None
+    return check_request(gallery, number, names)
 
 
 def create_app(gallery: PreparedGallery, limits: ServeConfig) -> FastAPI:
@@ -98,6 +112,10 @@ def create_app(gallery: PreparedGallery, limits: ServeConfig) -> FastAPI:
     @app.exception_handler(UploadRejected)
     async def _rejected(request: Request, exc: UploadRejected) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(SearchError)
+    async def _bad_search(request: Request, exc: SearchError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
 
     @app.exception_handler(ImageLoadError)
     async def _unreadable(request: Request, exc: ImageLoadError) -> JSONResponse:
@@ -119,25 +137,30 @@ def create_app(gallery: PreparedGallery, limits: ServeConfig) -> FastAPI:
         offset, limit = max(0, offset), max(1, min(limit, MAX_PAGE))
         rows = range(offset, min(offset + limit, len(gallery)))
         return {
-            "name": gallery.name, "size": len(gallery), "k": gallery.k, "labelled": gallery.labels is not None,
-            "scorers": list(gallery.scorers), "backbone": gallery.backbone.name,
+            "name": gallery.name, "size": len(gallery), "k": gallery.k, "max_k": min(MAX_K, len(gallery)),
+            "labelled": gallery.labels is not None, "scorers": list(gallery.scorers),
+            "meanings": {name: score_meaning(name) for name in gallery.scorers}, "backbone": gallery.backbone.name,
             "max_upload_bytes": limits.max_upload_bytes, "offset": offset, "items": [_row(gallery, r) for r in rows],
         }
 
     @app.get("/api/search/{row}")
-    def search_by_row(row: int) -> dict[str, Any]:
+    def search_by_row(row: int, k: Optional[str] = None, scorers: Optional[str] = None) -> dict[str, Any]:
         row = gallery_row(row)
-        return {"query": _row(gallery, row), "results": _results(gallery, search_row(gallery, row), row)}
+        k_, names = parse_request(gallery, k, scorers)
+        ranked = search_row(gallery, row, k_, names)
+        return {"query": _row(gallery, row), "k": k_, "results": _results(gallery, ranked, row)}
 
     @app.post("/api/search")
-    async def search_by_upload(request: Request) -> dict[str, Any]:
+    async def search_by_upload(request: Request, k: Optional[str] = None, scorers: Optional[str] = None) -> dict[str, Any]:
+        k_, names = parse_request(gallery, k, scorers)  # before reading the body: a bad request costs nothing
         data = await read_limited(request, limits.max_upload_bytes)
 
         def work():
-            return search_image(gallery, decode_upload(data, limits.max_pixels))
+            return search_image(gallery, decode_upload(data, limits.max_pixels), k_, names)
 
         ranked = await run_in_threadpool(work)
-        return {"query": {"row": None, "id": "upload", "label": None}, "results": _results(gallery, ranked, None)}
+        return {"query": {"row": None, "id": "upload", "label": None}, "k": k_,
+                "results": _results(gallery, ranked, None)}
 
     @app.get("/image/{row}")
     def image(row: int, full: bool = False) -> Response:

@@ -22,11 +22,47 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from cbir_jax.api.index import Index, from_command_line
+from cbir_jax.core.errors import UserError
 from cbir_jax.data import DataError
 from cbir_jax.runs.cli import to_typed
 
 log = logging.getLogger(__name__)
 THUMB_SIZE = 192
+MAX_K = 100  # per request: each new k compiles the ranking once, so the choice is bounded
+
+# One line per scorer under its column: scores are on each scorer's own scale and compare within a column only.
+SCORE_MEANINGS = {
+    "cosine": "cosine similarity of the features: 1 is the same direction, 0 unrelated",
+    "euclid": "minus the Euclidean distance of the features: 0 is identical, more negative is farther",
+    "ssim": "structural similarity (SSIM) of the feature vectors: 1 is identical",
+    "ssim_ratio": "feature SSIM divided by the Euclidean distance: higher is closer",
+    "alpha_qe": "cosine to the query averaged with its nearest neighbours (α-QE): 1 is the same direction",
+    "dba_alpha_qe": "cosine after query and database expansion: scores crowd near 1, the order is what counts",
+    "diffusion": "relevance spread over the gallery's neighbour graph: relative within a query, not a similarity",
+}
+
+
+class SearchError(UserError):
+    """A search request the page refuses (k out of range, an unknown scorer); its message is one line."""
+
+
+def score_meaning(name: str) -> str:
+    """What a scorer's numbers mean, for the line under its column (a learned head: its own scale)."""
+    return SCORE_MEANINGS.get(name, f"the learned scorer {name}'s output: higher is more similar; its scale is its own")
+
+
+def check_request(gallery: "PreparedGallery", k: Optional[int], scorers: Optional[list[str]]) -> tuple[int, list[str]]:
+    """A request's k (default: the page's) and scorers (default: all, in the gallery's order), validated:
+    k in 1..min(MAX_K, gallery size), scorers among those prepared at start (none is added per request)."""
+    limit = min(MAX_K, len(gallery))
+    k = gallery.k if k is None else k
+    if not 1 <= k <= limit:
+        raise SearchError(f"k={k}: must be between 1 and {limit}")
+    chosen = list(gallery.scorers) if not scorers else list(dict.fromkeys(scorers))
+    unknown = [s for s in chosen if s not in gallery.scorers]
+    if unknown:
+        raise SearchError(f"unknown scorer {unknown[0]!r}; this page has: {', '.join(gallery.scorers)}")
+    return k, chosen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +139,7 @@ def prepare_gallery(cfg_dict: DictConfig, overridden: frozenset[str] = frozenset
         if len(keep) < len(index):
             index = index.subset(keep)
     name = f"index {Path(cfg.index).name}" if cfg.index else index.name
-    gallery = PreparedGallery(name=name, index=index, k=max(1, min(cfg.k, len(index))))
+    gallery = PreparedGallery(name=name, index=index, k=max(1, min(cfg.k, len(index), MAX_K)))
     warm_up(gallery)
     return gallery
 
@@ -130,13 +166,16 @@ def query_feature(gallery: PreparedGallery, image: np.ndarray) -> np.ndarray:
         return np.asarray(gallery.index.embed([image]), np.float32)
 
 
-def rank(gallery: PreparedGallery, query: np.ndarray, self_row: int = -1) -> list[Ranked]:
-    """Every scorer's top-k for one query feature (1, D); `self_row` (a gallery query) is left out."""
+def rank(gallery: PreparedGallery, query: np.ndarray, self_row: int = -1, k: Optional[int] = None,
+         scorers: Optional[list[str]] = None) -> list[Ranked]:
+    """Each chosen scorer's top-k for one query feature (1, D); `self_row` (a gallery query) is left out.
+    `k` and `scorers` default to the page's; `check_request` validates them."""
+    k, names = check_request(gallery, k, scorers)
     out = []
-    for name in gallery.scorers:
+    for name in names:
         with gallery.device:
             start = time.perf_counter()
-            s, i = gallery.index.rank(query, gallery.k, scorer=name, exclude=np.asarray([self_row]))
+            s, i = gallery.index.rank(query, k, scorer=name, exclude=np.asarray([self_row]))
             ms = (time.perf_counter() - start) * 1e3
         s, i = s[0], i[0]
         valid = i >= 0
@@ -144,14 +183,17 @@ def rank(gallery: PreparedGallery, query: np.ndarray, self_row: int = -1) -> lis
     return out
 
 
-def search_row(gallery: PreparedGallery, row: int) -> list[Ranked]:
+def search_row(gallery: PreparedGallery, row: int, k: Optional[int] = None,
+               scorers: Optional[list[str]] = None) -> list[Ranked]:
     """Ranks the gallery for one of its own images (which is left out of its results)."""
-    return rank(gallery, gallery.features[row : row + 1], self_row=row)
+    return rank(gallery, gallery.features[row : row + 1], self_row=row, k=k, scorers=scorers)
 
 
-def search_image(gallery: PreparedGallery, image: np.ndarray) -> list[Ranked]:
+def search_image(gallery: PreparedGallery, image: np.ndarray, k: Optional[int] = None,
+                 scorers: Optional[list[str]] = None) -> list[Ranked]:
     """Ranks the gallery for an image from outside it (an upload)."""
-    return rank(gallery, query_feature(gallery, image))
+    check_request(gallery, k, scorers)  # before the backbone runs
+    return rank(gallery, query_feature(gallery, image), k=k, scorers=scorers)
 
 
 def encode_jpeg(image: np.ndarray, max_side: Optional[int] = None) -> bytes:

@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from cbir_jax.core.errors import CheckpointError, DivergedError, Interrupted, Terminated
+from cbir_jax.core.progress import progress
 from cbir_jax.labels import pair_labels
 from cbir_jax.training import checkpointing, curves, guards, optim, pairs, selection
-from cbir_jax.training.metrics_log import MetricsLog, read_records
+from cbir_jax.training.metrics_log import MetricsLog, flat_params, read_records
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,11 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
                    loop={"loss_sum": loss_sum, "loss_count": loss_count})
 
     lr = optim.learning_rate_schedule(cfg.train, total_steps)
-    with MetricsLog(run_dir, keep_up_to=step) as metrics:  # each step once, also after a resume
-        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
-        state.update(ckpts=ckpts, step=step, progress=progress)
+    params_shown = flat_params(dataclasses.asdict(cfg)) if dataclasses.is_dataclass(cfg) else {}
+    # each step once, also after a resume
+    with MetricsLog(run_dir, keep_up_to=step, logger=getattr(cfg, "logger", None), params=params_shown) as metrics:
+        bar = progress(total=total_steps, initial=step, desc="train", unit="step", mininterval=2.0)
+        state.update(ckpts=ckpts, step=step, progress=bar)
         done = step // steps_per_epoch
         if keeper is not None and step % steps_per_epoch == 0 and validates_after(done):
             # the starting point is a candidate too: a residual head that training only hurts keeps its base metric
@@ -206,12 +208,12 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
                 state["step"] = step
                 guards.check_loss(step, float(loss))  # stops before a NaN reaches the log or a checkpoint
                 loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
-                progress.update(1)
+                bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     record = {"step": step, "epoch": epoch, "loss": loss_sum / loss_count,
                               "learning_rate": optim.learning_rate_at(lr, step)}
                     metrics.write(record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
                     loss_sum, loss_count = 0.0, 0
                 if step % cfg.train.checkpoint_every == 0 or b == steps_per_epoch - 1:
                     guards.check_params(step, params)
@@ -226,7 +228,7 @@ def _train(cfg, params, source: BatchSource, make_step, run_dir: Path, state: di
                 if stopped:
                     log.info("early stop after epoch %d: no better validation %s for %d validations (best: step %d)",
                              epoch + 1, keeper.metric, cfg.train.patience, keeper.selection.best_step)
-        progress.close()
+        bar.close()
     curves.write_curves(run_dir, title=title)
     ckpts.wait()
     if ckpts.latest_intact_step() != step:  # e.g. a resumed run that was already complete
