@@ -37,3 +37,26 @@ def killed_copy(full: Path, killed: Path, checkpoint: int, records: int, cut: in
     shutil.copytree(full / "checkpoints" / str(checkpoint), killed / "checkpoints" / str(checkpoint))
     lines = (full / "metrics.jsonl").read_text().splitlines()
     (killed / "metrics.jsonl").write_text("\n".join(lines[:records]) + "\n" + lines[records][:cut])
+
+
+def run_two_processes(argv_of, tmp_path: Path, cwd, env: dict, timeout: float) -> tuple[list, str]:
+    """Starts processes 0 and 1 (`argv_of(p)`), their output in tmp_path/log{p}.txt; waits, killing any that
+    outlives `timeout`. Returns their exit codes and the tails of their logs, for an assertion's message."""
+    import subprocess
+
+    logs = [open(tmp_path / f"log{p}.txt", "w") for p in range(2)]
+    procs = [subprocess.Popen(argv_of(p), cwd=cwd, env=env, stdout=logs[p], stderr=subprocess.STDOUT) for p in range(2)]
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    out = "\n".join(f"--- process {p}:\n" + (tmp_path / f"log{p}.txt").read_text()[-3000:] for p in range(2))
+    return [p.returncode for p in procs], out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -74,23 +73,11 @@ def test_two_processes_rank_like_one(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     port = _free_port()
-    logs = [open(tmp_path / f"log{p}.txt", "w") for p in range(2)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port), str(p)], cwd=repo, env=env,
-                              stdout=logs[p], stderr=subprocess.STDOUT) for p in range(2)]
-    try:
-        for p in procs:
-            p.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
-    outputs = "\n".join(f"--- process {p}:\n" + (tmp_path / f"log{p}.txt").read_text()[-3000:] for p in range(2))
-    assert all(p.returncode == 0 for p in procs), f"workers failed ({[p.returncode for p in procs]}):\n{outputs}"
+    from helpers import run_two_processes
+
+    codes, outputs = run_two_processes(lambda p: [sys.executable, __file__, str(tmp_path), str(port), str(p)],
+                                       tmp_path, repo, env, TIMEOUT_S)
+    assert all(c == 0 for c in codes), f"workers failed ({codes}):\n{outputs}"
 
     gallery, queries = _data()
     for name, scorer in _scorers().items():

@@ -75,23 +75,11 @@ def _free_port() -> int:
 
 def _run_two(tmp_path: Path, root: Path, store: Path, die: bool) -> tuple[list[int], str]:
     port = _free_port()
-    logs = [open(tmp_path / f"log{p}.txt", "w") for p in range(2)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(root), str(store), str(port), str(p)] + (["die"] if die else []),
-                              cwd=REPO, env=_env(), stdout=logs[p], stderr=subprocess.STDOUT) for p in range(2)]
-    try:
-        for p in procs:
-            p.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
-    out = "\n".join(f"--- process {p}:\n" + (tmp_path / f"log{p}.txt").read_text()[-3000:] for p in range(2))
-    return [p.returncode for p in procs], out
+    from helpers import run_two_processes
+
+    return run_two_processes(
+        lambda p: [sys.executable, __file__, str(root), str(store), str(port), str(p)] + (["die"] if die else []),
+        tmp_path, REPO, _env(), TIMEOUT_S)
 
 
 @pytest.mark.slow
