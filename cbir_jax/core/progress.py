@@ -43,6 +43,16 @@ class _WarmRate:
         return done / dt if done > 0 and dt > 0 else None
 
 
+def _counted(bar: Any) -> Iterator:
+    """A bar's iterable, each item counted through `bar.update` (so the warm-up rate sees it); closed at the end."""
+    try:
+        for item in bar.iterable:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 class Bar(std_tqdm):
     """tqdm whose rate (and so ETA) starts after the first step."""
 
@@ -56,12 +66,7 @@ class Bar(std_tqdm):
 
     def __iter__(self) -> Iterator:
         """Through `update`, which tqdm's own fast loop bypasses."""
-        try:
-            for item in self.iterable:
-                yield item
-                self.update(1)
-        finally:
-            self.close()
+        return _counted(self)
 
     @property
     def format_dict(self) -> dict[str, Any]:
@@ -119,12 +124,7 @@ class PlainProgress:
             print(self._line(final=True), file=sys.stderr, flush=True)
 
     def __iter__(self) -> Iterator:
-        try:
-            for item in self.iterable:
-                yield item
-                self.update(1)
-        finally:
-            self.close()
+        return _counted(self)
 
     def __enter__(self) -> "PlainProgress":
         return self
