@@ -67,6 +67,7 @@ def test_a_stored_index_ranks_from_disk_as_in_memory(photos, cache, tmp_path, wh
             np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-3 if scorer == "euclid" else 1e-5)
             assert got[2] == want[2]
         q = built.gallery()[[3, 30]]
+        np.testing.assert_allclose(loaded.rows([3, 30]), q, rtol=1e-6, atol=1e-6)  # read alone: nothing loaded
         want = built.rank(q, 5, exclude=np.asarray([3, 30]))
         got = loaded.rank(q, 5, exclude=np.asarray([3, 30]))
         np.testing.assert_array_equal(got[1], want[1])

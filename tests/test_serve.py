@@ -359,7 +359,7 @@ def test_a_saved_index_is_served_without_extracting_again(site, tmp_path, monkey
     monkeypatch.setattr("cbir_jax.api.index.load_stage", lambda *a, **k: pytest.fail("features extracted again"))
     with pytest.raises(IndexFileError, match="outside the index's folder"):  # a root elsewhere is trusted only if given
         prepare_gallery(compose_config(f"index={path}"))
-    served = prepare_gallery(compose_config(f"index={path}", f"index_root={site['root']}",
+    served = prepare_gallery(compose_config(f"index={path}", f"index_root={site['root']}", "index_memory=stream",
                                             "serve.scorers=[cosine,dba_alpha_qe]"))
     assert list(served.scorers) == ["euclid", "cosine", "dba_alpha_qe"]
     assert sorted(served.ids) == sorted(p for p in index.paths if "link" not in p) and len(served) == 10

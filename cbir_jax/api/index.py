@@ -41,6 +41,7 @@ from cbir_jax.core.errors import CheckpointError, UserError
 from cbir_jax.core.registry import UnknownComponentError
 from cbir_jax.data import DataError, ImageDataset, ImageLoadError, build_dataset
 from cbir_jax.data.base import load_image_file, pil_to_rgb, to_rgb_uint8
+from cbir_jax.core.vectors import EPS
 from cbir_jax.features import postprocess
 from cbir_jax.features.extract import extract_features, forward_batches
 from cbir_jax.features.stage import Stage, load_stage
@@ -497,7 +498,16 @@ class Index:
     def gallery(self) -> np.ndarray:
         """The post-processed gallery (N, D'), as the scorer ranks it."""
         if self._gallery is None:
-            self._gallery = postprocess.apply(self._data.post, self._features())
+            features, post = self._data.features, self._data.post
+            if isinstance(features, FeatureStore) and self._raw is None and "projection" not in post:
+                # read from disk into a fresh array and normalised in place: the gallery costs N x D once,
+                # not three times (the raw rows are read again if `refit` or `subset` needs them)
+                x = self._finite(features.features())
+                if post["l2"]:
+                    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
+                self._gallery = x
+            else:
+                self._gallery = postprocess.apply(post, self._features())
         return self._gallery
 
     def _post_scorer(self, scorer: Scorer) -> Scorer:
@@ -510,6 +520,14 @@ class Index:
                 self._post_scorers[scorer.name] = scorers.with_transform(
                     scorer, lambda rows: postprocess.apply(post, rows), name=f"{scorer.name}+post")
         return self._post_scorers[scorer.name]
+
+    def rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Post-processed features (len(ids), D') of these gallery rows, as queries: a stored index reads
+        only their shards (a gallery image used as a query does not load the gallery)."""
+        features = self._data.features
+        if self._gallery is None and isinstance(features, FeatureStore):
+            return postprocess.apply(self._data.post, self._finite(features.rows(ids)))
+        return self.gallery()[np.asarray(ids, np.int64)]
 
     def _streams(self, scorer: Scorer) -> bool:
         """Whether `scorer` ranks this index from disk, chunk by chunk (see the class)."""

@@ -46,4 +46,4 @@ def apply(params: dict[str, Any], x: ArrayT) -> ArrayT:
         x = (x - params["mean"]) @ params["projection"]
         if params["l2"]:
             x = l2_normalise(x)
-    return x.astype(xp.float32)
+    return x.astype(xp.float32) if xp is jnp else x.astype(np.float32, copy=False)

@@ -195,6 +195,15 @@ class FeatureStore:
         if have:
             yield first, np.concatenate(buf)
 
+    def rows(self, positions: Sequence[int], dtype=np.float32) -> np.ndarray:
+        """The features of these rows (any order), read from their shards alone."""
+        positions = np.asarray(positions, np.int64)
+        shard = np.searchsorted(self._offsets, positions, side="right") - 1
+        out = np.empty((len(positions), self.dim), dtype)
+        for j, (i, r) in enumerate(zip(shard.tolist(), positions.tolist())):
+            out[j] = self.shard(i)[r - self._offsets[i]]
+        return out
+
     def features(self, dtype=np.float32) -> np.ndarray:
         """All rows in memory as `dtype` (what the in-memory consumers use)."""
         out = np.empty((len(self), self.dim), dtype)

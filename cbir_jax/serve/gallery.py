@@ -186,7 +186,7 @@ def rank(gallery: PreparedGallery, query: np.ndarray, self_row: int = -1, k: Opt
 def search_row(gallery: PreparedGallery, row: int, k: Optional[int] = None,
                scorers: Optional[list[str]] = None) -> list[Ranked]:
     """Ranks the gallery for one of its own images (which is left out of its results)."""
-    return rank(gallery, gallery.features[row : row + 1], self_row=row, k=k, scorers=scorers)
+    return rank(gallery, gallery.index.rows([row]), self_row=row, k=k, scorers=scorers)  # one row: nothing loaded
 
 
 def search_image(gallery: PreparedGallery, image: np.ndarray, k: Optional[int] = None,
