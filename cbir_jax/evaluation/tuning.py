@@ -31,6 +31,7 @@ GRIDS: dict[str, dict[str, list]] = {
     "alpha_qe": {"k": [5, 10, 20, 30, 50], "alpha": [1.0, 3.0]},
     "dba_alpha_qe": {"k": [10, 20, 30, 50, 75, 100], "alpha": [1.0, 3.0], "qe_k": [5, 10, 15, 20], "qe_alpha": [1.0, 3.0]},
     "diffusion": {"k": [10, 20, 30, 50], "gamma": [1.0, 3.0], "k_query": [5, 10, 20]},
+    "k_reciprocal": {"k1": [10, 20, 30], "k2": [1, 3, 6], "lam": [0.1, 0.3, 0.6]},
 }
 
 
@@ -39,7 +40,7 @@ def _grid_search(name: str, x: np.ndarray, y: np.ndarray) -> tuple[dict, float]:
     grid = GRIDS[name]
     for values in itertools.product(*grid.values()):
         params = dict(zip(grid, values))
-        if params.get("k", 0) >= len(x) - 2:
+        if params.get("k", params.get("k1", 0)) >= len(x) - 2:
             continue
         scorer = rerank.build_reranker(name, **params)
         m = leave_one_out(scorer, x, y, gallery_chunk=len(x))["map_at_r"]
