@@ -161,8 +161,10 @@ def test_runs_through_the_same_ranking_evaluation_and_tuning_entry_points(monkey
     np.testing.assert_allclose(np.asarray(s), -np.sort(-full, axis=1)[:, :5], atol=1e-6)
     # Tuning on validation rows: a grid over k1, k2, λ and a table name that shows what was chosen.
     monkeypatch.setitem(tuning.GRIDS, "k_reciprocal", {"k1": [2, 3], "k2": [1], "lam": [0.3]})
-    params, value = tuning.tune_reranker("k_reciprocal", gallery, labels, str(tmp_path))
-    assert value == max(leave_one_out(rerank.build_reranker("k_reciprocal", k1=k1, k2=1, lam=0.3), gallery, labels)["map_at_r"]
-                        for k1 in (2, 3))
-    tuned = tuning.tuned_scorer("k_reciprocal", gallery, labels, str(tmp_path))
-    assert tuned.name == f"k_reciprocal[val: k1={params['k1']},k2=1,lam=0.3]"
+    record = tuning.tuning_record("k_reciprocal", gallery, labels, str(tmp_path), points=True)
+    by_hand = [leave_one_out(rerank.build_reranker("k_reciprocal", k1=k1, k2=1, lam=0.3), gallery, labels)["map_at_r"]
+               for k1 in (2, 3)]
+    assert [(p["k1"], v) for p, v in record["points"]] == [(2, by_hand[0]), (3, by_hand[1])]
+    assert record["map_at_r"] == max(by_hand) and record["params"]["k1"] == (2 if by_hand[0] >= by_hand[1] else 3)
+    tuned = tuning.tuned_scorer("k_reciprocal", gallery, labels, str(tmp_path))  # read from the cache
+    assert tuned.name == f"k_reciprocal[val: k1={record['params']['k1']},k2=1,lam=0.3]"
