@@ -28,8 +28,10 @@ diffusion graph — so the score a query gives is what it would be were the quer
   row's maximum, which for non-negative unit features (max distance 2, at cos 0) is 1 - cos. Defaults
   k1=20, k2=6, λ=0.3 (the paper's). The probe is a member of the set it is encoded in, as in the paper:
   the set is the gallery without the query's own entry, plus the query — so a query that is gallery row s
-  scores exactly as it would against the gallery with row s removed. Each query encodes its own set of
-  N+1 items: O(N² k2) per query (the reference's cost), fine at N ~ 10³.
+  scores exactly as it would against the gallery with row s removed. Such a query (same vector as row s)
+  reads the gallery's own encodings, prepared once: O(N²) per query for its Jaccard row. Any other query
+  encodes the N+1-item set it joins (the gallery's nearest lists merged with it, not re-sorted): O(N²·k2)
+  per query and N×N arrays, fine at N ~ 10³, slow at 10⁴.
 
 Parameters other than the defaults: `build_reranker("alpha_qe", k=5, alpha=1.0)`.
 """
