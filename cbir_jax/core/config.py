@@ -46,7 +46,7 @@ RerankBase = choice("RerankBase", "fixed", "tuned")
 Schedule = choice("Schedule", "cosine", "constant")
 EvalOn = choice("EvalOn", "auto", "held_out", "all")
 Select = choice("Select", "best", "last")
-TunedBaseline = choice("TunedBaseline", "alpha_qe", "dba_alpha_qe", "diffusion")
+TunedBaseline = choice("TunedBaseline", "alpha_qe", "dba_alpha_qe", "diffusion", "k_reciprocal")
 # The names the registries hold (losses.LOSSES, optim.OPTIMIZERS, heads.FIXED_METRICS, rerank.RERANKERS);
 # tests/test_config.py checks each enum against its registry, so a new entry cannot be left out of either.
 LossName = choice("LossName", "mse", "contrastive", "ranking", "listwise")

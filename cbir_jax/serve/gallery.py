@@ -39,6 +39,7 @@ SCORE_MEANINGS = {
     "alpha_qe": "cosine to the query averaged with its nearest neighbours (α-QE): 1 is the same direction",
     "dba_alpha_qe": "cosine after query and database expansion: scores crowd near 1, the order is what counts",
     "diffusion": "relevance spread over the gallery's neighbour graph: relative within a query, not a similarity",
+    "k_reciprocal": "minus a mix of k-reciprocal Jaccard distance and 1 - cosine: 0 is closest, the order is what counts",
 }
 
 
