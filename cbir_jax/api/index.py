@@ -502,7 +502,8 @@ class Index:
             if isinstance(features, FeatureStore) and self._raw is None and "projection" not in post:
                 # read from disk into a fresh array and normalised in place: the gallery costs N x D once,
                 # not three times (the raw rows are read again if `refit` or `subset` needs them)
-                x = self._finite(features.features())
+                # 64-byte aligned, so `device_put` aliases it on CPU instead of copying N x D again
+                x = self._finite(features.features(out=ranking.aligned_empty((len(features), features.dim))))
                 if post["l2"]:
                     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
                 self._gallery = x

@@ -204,9 +204,9 @@ class FeatureStore:
             out[j] = self.shard(i)[r - self._offsets[i]]
         return out
 
-    def features(self, dtype=np.float32) -> np.ndarray:
-        """All rows in memory as `dtype` (what the in-memory consumers use)."""
-        out = np.empty((len(self), self.dim), dtype)
+    def features(self, dtype=np.float32, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """All rows in memory as `dtype` (what the in-memory consumers use), into `out` if given."""
+        out = np.empty((len(self), self.dim), dtype) if out is None else out
         for first, chunk in self.iter_chunks(65536, dtype):
             out[first : first + len(chunk)] = chunk
         return out
