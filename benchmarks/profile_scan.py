@@ -70,8 +70,9 @@ def profile(row: str, seconds: float, checkout: Path) -> tuple[dict[str, float],
     metric, n, b = row.split(":")
     with tempfile.TemporaryDirectory(prefix="cbir_prof_") as tmp:
         ready, data = f"{tmp}/ready", f"{tmp}/perf.data"
-        env = dict(os.environ, PYTHONPATH=f"{checkout}{os.pathsep}{ROOT}")
-        code = f"from benchmarks.profile_scan import worker; worker({metric!r}, {n}, {b}, {ready!r})"
+        env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's benchmarks, DIR's cbir_jax
+        code = (f"import sys; from benchmarks.profile_scan import worker; sys.path.insert(0, {str(checkout)!r}); "
+                f"worker({metric!r}, {n}, {b}, {ready!r})")
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp, env=env)
         try:
             while not os.path.exists(ready):
@@ -102,7 +103,8 @@ def main() -> None:
     for row in args.rows.split(","):
         shares, source = profile(row, args.seconds, args.checkout.resolve())
         print(f"| {row} | " + " | ".join(f"{shares[c]:.1f}%" for c in names) + " |", flush=True)
-    print(f"\nranking from {source}; `python -m benchmarks.profile_scan --rows {args.rows} --seconds {args.seconds:g}`")
+    where = "" if args.checkout.resolve() == ROOT else f" --checkout {args.checkout}"
+    print(f"\nranking from {source}; `python -m benchmarks.profile_scan --rows {args.rows} --seconds {args.seconds:g}{where}`")
 
 
 if __name__ == "__main__":
