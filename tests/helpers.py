@@ -1,12 +1,15 @@
-"""Composing configs the way the entry points do, and a run as a kill would leave it, for tests."""
+"""Composing configs the way the entry points do, a run as a kill would leave it, and re-ranker scores on
+hand-made galleries, for tests."""
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cbir_jax.core.config import CONFIG_DIR
+from cbir_jax.scoring import ranking
 
 # Small enough to train and evaluate in seconds; real photos (data=embedded), real code paths.
 FAST = [
@@ -60,3 +63,15 @@ def run_two_processes(argv_of, tmp_path: Path, cwd, env: dict, timeout: float) -
             f.close()
     out = "\n".join(f"--- process {p}:\n" + (tmp_path / f"log{p}.txt").read_text()[-3000:] for p in range(2))
     return [p.returncode for p in procs], out
+
+
+def unit_circle(*angles_deg) -> np.ndarray:
+    """Unit vectors in 2-D at these angles: galleries whose neighbour orders can be read off by hand."""
+    a = np.deg2rad(np.asarray(angles_deg, np.float64))
+    return np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
+
+
+def all_scores(scorer, gallery, queries, self_index) -> np.ndarray:
+    """(B, N) every gallery score of each query, through `ranking.score_all` as evaluation computes them."""
+    state = scorer.prepare(np.asarray(gallery))
+    return np.asarray(ranking.score_all(scorer, state, np.asarray(queries), np.asarray(self_index, np.int32)))

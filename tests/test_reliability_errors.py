@@ -56,7 +56,7 @@ def test_out_of_range_values_fail_at_start_with_one_line(override, message):
         ("labels.transform=log", "[rank, minmax, none]"),
         ("data.split.by=folder", "[class, image, none]"),
         ("eval.select=worst", "[best, last]"),
-        ("eval.tuned_baselines=[dba]", "[alpha_qe, dba_alpha_qe, diffusion]"),
+        ("eval.tuned_baselines=[dba]", "[alpha_qe, dba_alpha_qe, diffusion, k_reciprocal]"),
         ("head.activation=swish", "[relu, gelu, silu, tanh]"),
     ],
 )

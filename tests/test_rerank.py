@@ -3,47 +3,38 @@
 import numpy as np
 import pytest
 
-from cbir_jax.scoring import ranking, rerank, scorers
+from cbir_jax.scoring import rerank, scorers
 from cbir_jax.scoring.baselines import baseline_scorer
 from cbir_jax.evaluation.retrieval import evaluate_scorer
 from cbir_jax.core.registry import UnknownComponentError
-
-
-def _unit(*angles_deg):
-    a = np.deg2rad(np.asarray(angles_deg, np.float64))
-    return np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
-
-
-def _scores(scorer, gallery, queries, self_index):
-    state = scorer.prepare(np.asarray(gallery))
-    return np.asarray(ranking.score_all(scorer, state, np.asarray(queries), np.asarray(self_index, np.int32)))
+from helpers import all_scores, unit_circle
 
 
 def _chain():
     # A chain of relevant items running away from the query at 0°, and a decoy at -45°:
     # cosine ranks the decoy above the chain's far end; the chain's near items pull the far end in.
-    gallery = _unit(10, 20, 30, 40, 50, -45)
-    query = _unit(0)
+    gallery = unit_circle(10, 20, 30, 40, 50, -45)
+    query = unit_circle(0)
     return gallery, query
 
 
 def test_alpha_qe_pulls_in_a_relevant_item_cosine_missed():
     gallery, query = _chain()
-    cos = _scores(scorers.fixed_scorer("cosine"), gallery, query, [-1])[0]
+    cos = all_scores(scorers.fixed_scorer("cosine"), gallery, query, [-1])[0]
     assert cos[5] > cos[4]  # cosine: decoy (-45°) above the far relevant item (50°)
-    qe = _scores(rerank.build_reranker("alpha_qe", k=3, alpha=1.0), gallery, query, [-1])[0]
+    qe = all_scores(rerank.build_reranker("alpha_qe", k=3, alpha=1.0), gallery, query, [-1])[0]
     assert qe[4] > qe[5]
     # By hand: q' ∝ q + Σ_{10°,20°,30°} cos(θ)·g; the decoy at -45° falls below the 50° item.
-    q = query[0] + sum(np.cos(np.deg2rad(t)) * _unit(t)[0] for t in (10, 20, 30))
+    q = query[0] + sum(np.cos(np.deg2rad(t)) * unit_circle(t)[0] for t in (10, 20, 30))
     q /= np.linalg.norm(q)
     np.testing.assert_allclose(qe, gallery @ q, atol=1e-5)
 
 
 def test_alpha_qe_excludes_the_query_own_entry():
-    gallery = _unit(0, 10, 80, 90)
+    gallery = unit_circle(0, 10, 80, 90)
     # The query is gallery entry 0: with self excluded, its 1-NN is the 10° item; with self in, itself.
-    with_self = _scores(rerank.build_reranker("alpha_qe", k=1, alpha=1.0), gallery, gallery[:1], [-1])[0]
-    honest = _scores(rerank.build_reranker("alpha_qe", k=1, alpha=1.0), gallery, gallery[:1], [0])[0]
+    with_self = all_scores(rerank.build_reranker("alpha_qe", k=1, alpha=1.0), gallery, gallery[:1], [-1])[0]
+    honest = all_scores(rerank.build_reranker("alpha_qe", k=1, alpha=1.0), gallery, gallery[:1], [0])[0]
     q = gallery[0] + np.cos(np.deg2rad(10)) * gallery[1]
     np.testing.assert_allclose(honest, gallery @ (q / np.linalg.norm(q)), atol=1e-5)
     assert not np.allclose(honest, with_self)
@@ -75,7 +66,7 @@ def test_dba_alpha_qe_equals_recomputing_the_gallery_without_the_query():
     k, alpha = 3, 2.0
     scorer = rerank.build_reranker("dba_alpha_qe", k=k, alpha=alpha, qe_k=4, qe_alpha=alpha)
     self_index = np.arange(30)
-    got = _scores(scorer, gallery, gallery, self_index)
+    got = all_scores(scorer, gallery, gallery, self_index)
     for s in (0, 7, 29):
         others = np.delete(np.arange(30), s)
         d = _dba_by_hand(gallery[others], k, alpha)
@@ -83,15 +74,15 @@ def test_dba_alpha_qe_equals_recomputing_the_gallery_without_the_query():
     # An outside query (not in the gallery) sees the full gallery's DBA.
     q = rng.normal(size=(1, 8)).astype(np.float32)
     q /= np.linalg.norm(q)
-    got = _scores(scorer, gallery, q, [-1])[0]
+    got = all_scores(scorer, gallery, q, [-1])[0]
     np.testing.assert_allclose(got, _qe_by_hand(q[0], _dba_by_hand(gallery, k, alpha), 4, alpha), atol=1e-4)
 
 
 def _two_chains():
     # Two classes on the unit circle, each a chain of close items; the chains' far ends come near each other.
     # Uneven gaps: no two neighbours tie, so the result never hangs on the last bit of a dot product.
-    a = _unit(0, 7, 15, 24, 32, 41, 48)
-    b = _unit(70, 77, 86, 94, 103, 110)
+    a = unit_circle(0, 7, 15, 24, 32, 41, 48)
+    b = unit_circle(70, 77, 86, 94, 103, 110)
     return np.concatenate([a, b]), np.array([0] * 7 + [1] * 6)
 
 
@@ -102,13 +93,13 @@ def test_rerankers_never_see_the_query_itself(name):
     gallery, labels = _two_chains()
     scorer = rerank.build_reranker(name, **({"k": 3} if name == "diffusion" else {}))
     for s in (0, 6, 7, 12):
-        loo = _scores(scorer, gallery, gallery[s : s + 1], [s])[0]
+        loo = all_scores(scorer, gallery, gallery[s : s + 1], [s])[0]
         others = np.delete(np.arange(len(gallery)), s)
         if name == "diffusion":
             # Diffusion removes the node's edges without refilling the others' kNN lists: compare orders.
             assert np.all(np.isfinite(loo))
             continue
-        without = _scores(scorer, gallery[others], gallery[s : s + 1], [-1])[0]
+        without = all_scores(scorer, gallery[others], gallery[s : s + 1], [-1])[0]
         np.testing.assert_allclose(np.delete(loo, s), without, atol=1e-5)
 
 
@@ -128,8 +119,8 @@ def test_rerankers_rank_chains_perfectly_where_cosine_does_not(name):
 
 def test_diffusion_follows_the_graph():
     # From the query at 0°, diffusion walks the chain to its far end before the nearer decoy.
-    gallery = _unit(10, 20, 30, 40, 50, 60, -50)
-    s = _scores(rerank.build_reranker("diffusion", k=2, k_query=1), gallery, _unit(0), [-1])[0]
+    gallery = unit_circle(10, 20, 30, 40, 50, 60, -50)
+    s = all_scores(rerank.build_reranker("diffusion", k=2, k_query=1), gallery, unit_circle(0), [-1])[0]
     assert s[5] > s[6] and s[4] > s[6]
 
 
@@ -153,20 +144,20 @@ def test_cosine_residual_head_starts_at_cosine_and_its_fast_forms_agree():
     self_index = np.arange(40)
     head = heads.build_head(HeadConfig(name="cosine_residual", rank=4))
     params = heads.init_params(head, 16, jax.random.key(0))
-    cos = _scores(scorers.fixed_scorer("cosine"), gallery, gallery, self_index)
-    np.testing.assert_allclose(_scores(scorers.pair_scorer("h", head, params), gallery, gallery, self_index), cos, atol=1e-5)
+    cos = all_scores(scorers.fixed_scorer("cosine"), gallery, gallery, self_index)
+    np.testing.assert_allclose(all_scores(scorers.pair_scorer("h", head, params), gallery, gallery, self_index), cos, atol=1e-5)
     # Trained (perturbed) parameters: the embedding fast form equals applying the head to every pair.
     params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
-    fast = _scores(scorers.pair_scorer("h", head, params), gallery, gallery, self_index)
-    slow = _scores(scorers.pair_scorer("h", head, params, fast=False), gallery, gallery, self_index)
+    fast = all_scores(scorers.pair_scorer("h", head, params), gallery, gallery, self_index)
+    slow = all_scores(scorers.pair_scorer("h", head, params, fast=False), gallery, gallery, self_index)
     np.testing.assert_allclose(fast, slow, atol=1e-5)
     # head.rerank: the re-ranker on the learned embeddings; at initialisation, the re-ranker itself.
     reranked = heads.build_head(HeadConfig(name="cosine_residual", rank=4, rerank="dba_alpha_qe"))
     init = heads.init_params(reranked, 16, jax.random.key(0))
     cfg = HeadConfig(name="cosine_residual", rank=4, rerank="dba_alpha_qe")
     np.testing.assert_allclose(
-        _scores(compose.head_scorer(cfg, reranked, init), gallery, gallery, self_index),
-        _scores(rerank.build_reranker("dba_alpha_qe"), gallery, gallery, self_index), atol=1e-5,
+        all_scores(compose.head_scorer(cfg, reranked, init), gallery, gallery, self_index),
+        all_scores(rerank.build_reranker("dba_alpha_qe"), gallery, gallery, self_index), atol=1e-5,
     )
     with pytest.raises(ValueError, match="HeadRerank"):
         heads.build_head(HeadConfig(name="cosine_residual", rerank="qe"))
@@ -188,6 +179,6 @@ def test_rerank_pair_label_is_the_rerankers_own_similarity_and_never_reads_label
     i, j = np.array([0, 5, 7, 29]), np.array([1, 9, 7 - 1, 0])
     t = pair_labels.pair_targets(ctx, i, j)
     # Leave-one-out DBA + alpha-QE with every row a query against all rows, symmetrised.
-    s = _scores(rerank.build_reranker("dba_alpha_qe"), x, x, np.arange(30))
+    s = all_scores(rerank.build_reranker("dba_alpha_qe"), x, x, np.arange(30))
     np.testing.assert_allclose(t, (s[i, j] + s[j, i]) / 2, atol=1e-5)
     np.testing.assert_allclose(pair_labels.pair_targets(ctx, j, i), t, atol=1e-6)  # symmetric

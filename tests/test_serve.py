@@ -351,12 +351,16 @@ def test_a_saved_index_is_served_without_extracting_again(site, tmp_path, monkey
     """`serve index=FILE`: the index's features, post-processing and scorer (first), then serve.scorers; symlinks
     out of its folder stay unserved; nothing goes through the feature-extraction stage."""
     import cbir_jax
+    from cbir_jax.api import IndexFileError
     from cbir_jax.core.errors import ConfigError
 
     index = cbir_jax.Index.build("pixels", site["root"], scorer="euclid")
     path = index.save(tmp_path / "gallery.index")
     monkeypatch.setattr("cbir_jax.api.index.load_stage", lambda *a, **k: pytest.fail("features extracted again"))
-    served = prepare_gallery(compose_config(f"index={path}", "serve.scorers=[cosine,dba_alpha_qe]"))
+    with pytest.raises(IndexFileError, match="outside the index's folder"):  # a root elsewhere is trusted only if given
+        prepare_gallery(compose_config(f"index={path}"))
+    served = prepare_gallery(compose_config(f"index={path}", f"index_root={site['root']}", "index_memory=stream",
+                                            "serve.scorers=[cosine,dba_alpha_qe]"))
     assert list(served.scorers) == ["euclid", "cosine", "dba_alpha_qe"]
     assert sorted(served.ids) == sorted(p for p in index.paths if "link" not in p) and len(served) == 10
     rows = [index.paths.index(i) for i in served.ids]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -69,8 +69,25 @@ def _transforms(faiss: Any, post: dict[str, Any], dim: int, unit_rows: bool) -> 
     return chain
 
 
-def to_faiss(index: Any) -> Any:
-    """A faiss index ranking as `index.search` (a `cbir_jax.Index`) does (ids equal, scores equal up to float32 rounding)."""
+def factory_index(factory: str, dim: int, metric: Any = None) -> Any:
+    """An untrained faiss index of `factory` (faiss's `index_factory`); a string faiss cannot parse for
+    `dim`-dimensional vectors is one line. Cheap: the command line checks `faiss=` before extracting."""
+    faiss = _faiss()
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT if metric is None else metric)
+    except RuntimeError:  # faiss's own parse error names a C++ function, not the mistake
+        raise FaissExportError(f"faiss={factory}: not an index_factory string faiss can build for {dim}-d vectors "
+                               "(e.g. IVF1024,PQ32 or IVF4096,Flat; PQm needs m to divide the dimension)") from None
+
+
+def to_faiss(index: Any, factory: Optional[str] = None, *, train_rows: int = 100_000, nprobe: int = 16,
+             seed: int = 0) -> Any:
+    """A faiss index ranking as `index.search` (a `cbir_jax.Index`) does.
+
+    Without `factory`: a flat index (ids equal, scores equal up to float32 rounding). With one (a faiss
+    `index_factory` string such as `IVF1024,PQ32`): that index, trained on `train_rows` gallery rows drawn
+    with `seed` and filled chunk by chunk from the store, so the gallery is never in memory whole; IVF
+    indexes probe `nprobe` lists per query. Approximate: measure its recall (benchmarks/scale.py)."""
     name = index.scorer_name
     if name not in FAISS_FORMS:
         raise FaissExportError(
@@ -79,31 +96,46 @@ def to_faiss(index: Any) -> Any:
         )
     faiss = _faiss()
     flat_name, unit_rows, _ = FAISS_FORMS[name]
-    rows = index.gallery()
-    if unit_rows:
-        rows = l2_normalise(rows)
-    flat = getattr(faiss, flat_name)(rows.shape[1])
-    flat.add(np.ascontiguousarray(rows, np.float32))
+
+    def ready(rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(l2_normalise(rows) if unit_rows else rows, np.float32)
+
+    if factory is None:
+        rows = ready(index.gallery())
+        body = getattr(faiss, flat_name)(rows.shape[1])
+        body.add(rows)
+    else:
+        metric = faiss.METRIC_INNER_PRODUCT if unit_rows else faiss.METRIC_L2
+        sample = ready(index.sample_gallery(train_rows, seed))
+        body = factory_index(factory, sample.shape[1], metric)
+        body.train(sample)
+        for _, chunk in index.iter_gallery():
+            body.add(ready(chunk))
+        try:
+            faiss.extract_index_ivf(body).nprobe = nprobe
+        except RuntimeError:  # not an IVF index: nothing to probe
+            pass
     chain = _transforms(faiss, index.post, index.backbone.feature_dim, unit_rows)
     if not chain:
-        return flat
-    exported = faiss.IndexPreTransform(chain[-1], flat)
+        return body
+    exported = faiss.IndexPreTransform(chain[-1], body)
     for t in reversed(chain[:-1]):
         exported.prepend_transform(t)
     return exported
 
 
-def save_faiss(index: Any, path: str | os.PathLike) -> tuple[Path, Path]:
+def save_faiss(index: Any, path: str | os.PathLike, factory: Optional[str] = None) -> tuple[Path, Path]:
     """`faiss.write_index(to_faiss(index), path)`, and beside it `path.json`: the file of each id (relative to
     `root`, itself relative to the JSON's folder), the metric, and the backbone whose raw features it takes."""
     faiss = _faiss()
-    exported = to_faiss(index)
+    exported = to_faiss(index, factory)
     path = Path(path)
     faiss.write_index(exported, str(path))
     sidecar = path.with_name(path.name + ".json")
     here = path.absolute().parent
     atomic_write_text(sidecar, json.dumps({
         "format": "cbir_jax.faiss",
+        "factory": factory or FAISS_FORMS[index.scorer_name][0],
         "scorer": index.scorer_name,
         "distances": FAISS_FORMS[index.scorer_name][2],
         "queries": f"raw {index.backbone.name} features ({index.backbone.fingerprint})",

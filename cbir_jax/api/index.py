@@ -41,9 +41,11 @@ from cbir_jax.core.errors import CheckpointError, UserError
 from cbir_jax.core.registry import UnknownComponentError
 from cbir_jax.data import DataError, ImageDataset, ImageLoadError, build_dataset
 from cbir_jax.data.base import load_image_file, pil_to_rgb, to_rgb_uint8
+from cbir_jax.core.vectors import EPS
 from cbir_jax.features import postprocess
 from cbir_jax.features.extract import extract_features, forward_batches
 from cbir_jax.features.stage import Stage, load_stage
+from cbir_jax.features.store import FeatureStore, Item, build_store, remove_rows
 from cbir_jax.scoring import heads, ranking, scorers
 from cbir_jax.scoring.baselines import baseline_names, baseline_scorer
 from cbir_jax.scoring.scorers import Scorer
@@ -56,6 +58,15 @@ log = logging.getLogger(__name__)
 # a uint8 (B, H, W, 3) array.
 Query = Union[str, os.PathLike, Image.Image, np.ndarray, Sequence[Any]]
 _ADD_THUMB = 8  # extraction also makes thumbnails (for SSIM labels); `add` has no use for them
+MEMORY = ("auto", "ram", "stream")
+AUTO_STREAM_BYTES = 1 << 30  # memory="auto": a stored gallery larger than this is ranked from disk, chunk by chunk
+STREAM_ROWS = 8192  # at most this many rows per streamed chunk (42 MB at D=1280, float32): measured fastest
+
+
+def _tiling(shard_rows: int) -> int:
+    """Chunk rows that tile the store's shards (the largest divisor of `shard_rows` up to STREAM_ROWS), so
+    every chunk is a view of one memory-mapped shard: nothing is copied on the host."""
+    return max(d for d in range(1, min(shard_rows, STREAM_ROWS) + 1) if shard_rows % d == 0)
 
 
 class QueryError(UserError):
@@ -126,13 +137,23 @@ class Index:
     """A searchable folder of images: raw backbone features, the post-processing fitted on them, a scorer.
 
     Build one with `Index.build`, reopen a saved one with `Index.load`. Ids are row numbers, 0..N-1 in the
-    order images were added, so `ids` index `paths` and `labels`.
+    order images were added, so `ids` index `paths` and `labels`; `remove` renumbers the rows after the
+    removed ones (as faiss's `remove_ids` does): a file's path is its lasting name.
+
+    A loaded index keeps its features on disk (a feature store) and is its folder: `add` and `remove`
+    update it in place. `memory` says how it ranks: `ram` loads the gallery once (fastest for many queries
+    on a gallery that fits), `stream` reads it chunk by chunk for every batch of queries (memory bounded by
+    two chunks, whatever N), `auto` streams a stored gallery over 1 GiB. Scorers that need the whole gallery
+    at once (the re-rankers) load it either way.
     """
 
     def __init__(self, data: Stored, backbone: Backbone, scorer: Union[Scorer, Mapping[str, Scorer]],
                  features: FeaturesConfig, run: Optional[Run] = None, batch_size: int = 32,
                  chunk: int = EvalConfig.gallery_chunk, load: Optional[Callable[[int], np.ndarray]] = None,
-                 name: str = "") -> None:
+                 name: str = "", memory: str = "auto") -> None:
+        if memory not in MEMORY:
+            raise UserError(f"memory={memory!r}: valid: {', '.join(MEMORY)}")
+        self.memory = memory
         self._data = data
         self.name = name or f"folder:{Path(data.root).name}"  # where the gallery came from, for titles
         self.backbone = backbone
@@ -146,6 +167,8 @@ class Index:
         self.chunk = chunk
         self._load = load  # row -> image, for galleries whose images are not files under `root`
         self._gallery: Optional[np.ndarray] = None
+        self._raw: Optional[np.ndarray] = None
+        self._post_scorers: dict[str, Scorer] = {}
         self._states: dict[str, Any] = {}
 
     @property
@@ -189,7 +212,6 @@ class Index:
                               batch_size=batch_size or backbone_cfg.batch_size, use_cache=features.cache)
         data = Stored(
             features=fs.features,
-            ids=np.arange(len(fs), dtype=np.int64),
             paths=[Path(i).as_posix() for i in fs.ids],
             labels=fs.labels,
             class_names=list(dataset.class_names),
@@ -219,7 +241,6 @@ class Index:
         dataset_rows = fs.keep[rows]
         data = Stored(
             features=raw,
-            ids=np.arange(len(rows), dtype=np.int64),
             paths=[Path(fs.ids[r]).as_posix() for r in rows],
             labels=None if labels is None else np.asarray(labels[rows], np.int32),
             class_names=list(fs.dataset.class_names),
@@ -249,30 +270,42 @@ class Index:
         rows = np.asarray(rows, np.int64)
         d = self._data
         data = dataclasses.replace(
-            d, features=d.features[rows], ids=np.arange(len(rows), dtype=np.int64), paths=[d.paths[r] for r in rows],
+            d, features=self._features()[rows], paths=[d.paths[r] for r in rows],
             labels=None if d.labels is None else d.labels[rows], class_names=list(d.class_names),
         )
         load = None if self._load is None else (lambda row, base=self._load: base(int(rows[row])))
         return type(self)(data, self.backbone, self.scorers, self.features_config, self.run, self.batch_size,
                           self.chunk, load, self.name)
 
-    def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Writes the index to one file (format: `cbir_jax/api/store.py`); returns its path."""
+    def save(self, path: Union[str, os.PathLike], *, storage: str = "float32", shard_rows: int = 4096) -> Path:
+        """Writes the index as one folder (format: `cbir_jax/api/store.py`), its features a feature store of
+        `shard_rows`-row shards in `storage` dtype; returns its path. Saving a loaded index to its own folder
+        rewrites only its header."""
         if not self._data.root:
             raise UserError("only an index of a folder can be saved (its images are files under one root)")
-        return store.save(self._data, path)
+        return store.save(self._data, path, storage=storage, shard_rows=shard_rows)
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], *, root: Optional[str] = None, run: Optional[str] = None) -> "Index":
-        """Reopens a saved index: no image is read and no gallery feature recomputed.
+    def load(cls, path: Union[str, os.PathLike], *, root: Optional[str] = None, run: Optional[str] = None,
+             memory: str = "auto", verify: Optional[bool] = None) -> "Index":
+        """Reopens a saved index: no image is read, no gallery feature recomputed, and (a version-2 folder)
+        no feature loaded until ranking needs it (`memory`: see the class).
 
         `root` / `run`: where the indexed folder / the learned scorer's run now are, if they moved apart from
-        the index file. A damaged file, a newer format, or a backbone that no longer computes the same
-        features (another weights file or cbir_jax version) is a one-line `IndexFileError`.
+        the index. A header whose folder lies outside the index's own folder is refused unless `root=` is
+        given (an index from someone else must not open files you did not point it at). A damaged index, a
+        newer format, or a backbone that no longer computes the same features (another weights file or
+        cbir_jax version) is a one-line `IndexFileError`. `verify`: re-hash and check every shard (default:
+        for features under 1 GiB; see `api/store.py: load`).
         """
-        data = store.load(path)
+        data = store.load(path, verify=verify)
         if root is not None:
             data.root = str(Path(os.path.expanduser(root)).resolve())
+        else:
+            home = Path(os.path.expanduser(path)).absolute().parent.resolve()
+            if not Path(data.root).resolve().is_relative_to(home):
+                raise IndexFileError(f"index={path}: its images folder {data.root} lies outside the index's folder "
+                                     f"{home}; pass root={data.root} if you trust it (command line: index_root=)")
         if not Path(data.root).is_dir():
             log.warning("index %s: its folder %s is not there (pass root= if it moved); paths name missing files",
                         path, data.root)
@@ -282,11 +315,13 @@ class Index:
         except OmegaConfBaseException as e:
             raise IndexFileError(f"index={path}: damaged header ({type(e).__name__} in its configs)") from None
         net = build_backbone(backbone_cfg)
-        if net.fingerprint != data.backbone_fingerprint or net.feature_dim != data.features.shape[1]:
+        if net.fingerprint != data.backbone_fingerprint or net.feature_dim != data.dim:
             raise IndexFileError(
                 f"index={path} holds {data.backbone} features ({data.backbone_fingerprint}), but this backbone now "
                 f"computes {net.fingerprint}: build the index again"
             )
+        if "projection" in data.post and data.post["projection"].shape[1] > data.dim:
+            raise IndexFileError(f"index={path}: damaged (whitening to more dimensions than the features have)")
         loaded_run = None
         if data.run:
             data.run = str(run or data.run)
@@ -300,7 +335,7 @@ class Index:
             scorer = loaded_run.scorer
         else:
             scorer = _choose_scorer(data.scorer, None)
-        return cls(data, net, scorer, features, loaded_run, backbone_cfg.batch_size)
+        return cls(data, net, scorer, features, loaded_run, backbone_cfg.batch_size, memory=memory)
 
     # ---- growing ------------------------------------------------------------------------------------------
 
@@ -349,20 +384,68 @@ class Index:
                 shutil.copy2(source, target)
         if not rel:
             return np.zeros(0, np.int64)
-        dataset = ImageDataset(name="add", ids=rel, load=lambda i: load_image_file(full[i]), labels=None,
-                               class_names=[], content_key="")
-        fs = extract_features(dataset, self.backbone, thumb_size=_ADD_THUMB, cache_dir="",
-                              batch_size=self.batch_size, use_cache=False)
         d = self._data
-        new_ids = np.arange(len(d.ids), len(d.ids) + len(fs), dtype=np.int64)
-        d.features = np.concatenate([d.features, fs.features])
-        d.ids = np.concatenate([d.ids, new_ids])
-        d.paths = d.paths + fs.ids
+        n = len(d)
+        if isinstance(d.features, FeatureStore):
+            added, skipped = self._add_to_store(rel, full)
+        else:
+            dataset = ImageDataset(name="add", ids=rel, load=lambda i: load_image_file(full[i]), labels=None,
+                                   class_names=[], content_key="")
+            fs = extract_features(dataset, self.backbone, thumb_size=_ADD_THUMB, cache_dir="",
+                                  batch_size=self.batch_size, use_cache=False)
+            d.features = np.concatenate([d.features, fs.features])
+            added, skipped = list(fs.ids), list(fs.skipped)
+            d.paths = d.paths + added
         if d.labels is not None:
-            d.labels = np.concatenate([d.labels, np.asarray([self._class_of(p) for p in fs.ids], np.int32)])
-        d.skipped = d.skipped + list(fs.skipped)
-        self._forget()
-        return new_ids
+            d.labels = np.concatenate([d.labels, np.asarray([self._class_of(p) for p in added], np.int32)])
+        d.skipped = d.skipped + skipped
+        self._changed()
+        return np.arange(n, n + len(added), dtype=np.int64)
+
+    def _add_to_store(self, rel: list[str], full: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+        """New files into the index's feature store by the store's own update (`build_store`): the rows it
+        holds are kept as they are, the new files are decoded by its workers and committed as new shards."""
+        features: FeatureStore = self._data.features
+        known = features.items + [Item.of(r) for s in features.shards for r in s["skipped"]]
+        new = []
+        for r, f in zip(rel, full):
+            st = os.stat(f) if os.path.isfile(f) else None
+            new.append(Item(r, r, int(st.st_size), int(st.st_mtime_ns)) if st else Item(r, r))
+        items = known + new
+        files = [str(Path(self._data.root) / it.path) for it in items]
+        dataset = ImageDataset(name="add", ids=[it.id for it in items], load=lambda i: load_image_file(files[i]),
+                               labels=None, class_names=[], content_key="", paths=files,
+                               stats=[(it.size, it.mtime_ns) for it in items])
+        build_store(features.root, dataset, self.backbone, storage=str(features.dtype),
+                    shard_rows=int(features.manifest.get("shard_rows", 4096)), batch_size=self.batch_size,
+                    progress=False)
+        after = FeatureStore.open(features.root, fingerprint=self.backbone.fingerprint)
+        self._data.features = after
+        self._data.paths = [it.path if it.path is not None else it.id for it in after.items]
+        added = self._data.paths[len(features):]
+        wanted = set(rel)
+        skipped = [(f, why) for f, why in after.skipped if f in wanted]
+        return added, skipped
+
+    def remove(self, ids: Union[int, Iterable[int]]) -> int:
+        """Removes these rows; the rows after them move up (ids are row numbers). Returns how many were
+        removed. The post-processing fitted at build time is kept (`refit()` re-fits it)."""
+        rows = np.unique(np.atleast_1d(np.asarray(ids if not isinstance(ids, (int, np.integer)) else [ids])))
+        if rows.size and (rows.dtype.kind not in "iu" or rows[0] < 0 or rows[-1] >= len(self)):
+            raise QueryError(f"remove() takes ids in 0..{len(self) - 1}, not {rows.tolist()[:5]}")
+        if not rows.size:
+            return 0
+        d = self._data
+        keep = np.setdiff1d(np.arange(len(d)), rows)
+        if isinstance(d.features, FeatureStore):
+            d.features = remove_rows(d.features.root, rows)
+        else:
+            d.features = d.features[keep]
+        d.paths = [d.paths[r] for r in keep]
+        if d.labels is not None:
+            d.labels = d.labels[keep]
+        self._changed()
+        return int(rows.size)
 
     def _class_of(self, rel: str) -> int:
         """The class of an added file: its first folder under the root (a new name is a new class), else -1."""
@@ -375,11 +458,14 @@ class Index:
 
     def refit(self) -> None:
         """Re-fits the post-processing on every row (after `add`, to match a fresh build of the folder)."""
-        self._data.post = postprocess.fit(self.features_config, self._data.features)
-        self._forget()
+        self._data.post = postprocess.fit(self.features_config, self._features())
+        self._changed()
 
-    def _forget(self) -> None:
-        self._gallery, self._states = None, {}
+    def _changed(self) -> None:
+        """Forgets what was computed from the rows; a stored index writes its header (labels, fit) again."""
+        self._gallery, self._states, self._raw, self._post_scorers = None, {}, None, {}
+        if isinstance(self._data.features, FeatureStore) and store.is_index_folder(self._data.features.root.parent):
+            store.save(self._data, self._data.features.root.parent)
 
     # ---- searching ----------------------------------------------------------------------------------------
 
@@ -392,11 +478,63 @@ class Index:
         feats = forward_batches(self.backbone, images, min(self.batch_size, len(images)))
         return feats if raw else postprocess.apply(self._data.post, feats)
 
+    def _features(self) -> np.ndarray:
+        """The raw gallery (N, D) in memory: read from the feature store once, for what needs it whole."""
+        features = self._data.features
+        if not isinstance(features, FeatureStore):
+            return features
+        if self._raw is None:
+            size = len(features) * features.dim * 4
+            log.log(logging.INFO if size > AUTO_STREAM_BYTES else logging.DEBUG,  # said only where it matters
+                    "loading %d x %d stored features (%.2f GB) into memory", len(features), features.dim, size / 1e9)
+            self._raw = self._finite(features.features())
+        return self._raw
+
+    def _finite(self, rows: np.ndarray) -> np.ndarray:
+        if not np.all(np.isfinite(rows)):
+            raise IndexFileError(f"index {self.name}: damaged (non-finite features)")
+        return rows
+
     def gallery(self) -> np.ndarray:
         """The post-processed gallery (N, D'), as the scorer ranks it."""
         if self._gallery is None:
-            self._gallery = postprocess.apply(self._data.post, self._data.features)
+            features, post = self._data.features, self._data.post
+            if isinstance(features, FeatureStore) and self._raw is None and "projection" not in post:
+                # read from disk into a fresh array and normalised in place: the gallery costs N x D once,
+                # not three times (the raw rows are read again if `refit` or `subset` needs them)
+                x = self._finite(features.features())
+                if post["l2"]:
+                    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
+                self._gallery = x
+            else:
+                self._gallery = postprocess.apply(post, self._features())
         return self._gallery
+
+    def _post_scorer(self, scorer: Scorer) -> Scorer:
+        """`scorer` on raw stored rows: the fitted post-processing runs in the jitted pass over each chunk."""
+        if scorer.name not in self._post_scorers:
+            post = self._data.post
+            if "projection" not in post and scorer.scale_invariant:  # L2 alone cannot change its scores
+                self._post_scorers[scorer.name] = scorer
+            else:
+                self._post_scorers[scorer.name] = scorers.with_transform(
+                    scorer, lambda rows: postprocess.apply(post, rows), name=f"{scorer.name}+post")
+        return self._post_scorers[scorer.name]
+
+    def rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Post-processed features (len(ids), D') of these gallery rows, as queries: a stored index reads
+        only their shards (a gallery image used as a query does not load the gallery)."""
+        features = self._data.features
+        if self._gallery is None and isinstance(features, FeatureStore):
+            return postprocess.apply(self._data.post, self._finite(features.rows(ids)))
+        return self.gallery()[np.asarray(ids, np.int64)]
+
+    def _streams(self, scorer: Scorer) -> bool:
+        """Whether `scorer` ranks this index from disk, chunk by chunk (see the class)."""
+        features = self._data.features
+        if not isinstance(features, FeatureStore) or not scorer.row_local or self._gallery is not None:
+            return False
+        return self.memory == "stream" or (self.memory == "auto" and len(features) * features.dim * 4 > AUTO_STREAM_BYTES)
 
     def search(self, queries: Query, k: int = 10, *, scorer: Optional[str] = None) -> tuple[np.ndarray, np.ndarray, list]:
         """The k best gallery items per query: (scores, ids, paths), best first.
@@ -420,6 +558,15 @@ class Index:
         a gallery row), -1 for none; re-rankers then also treat that row as absent (leave-one-out)."""
         chosen = self.scorers[scorer] if scorer is not None else self.scorer
         k = min(check_k(k), len(self))
+        if self._streams(chosen):
+            features: FeatureStore = self._data.features
+            rows = min(_tiling(int(features.manifest.get("shard_rows") or STREAM_ROWS)), len(self))
+            try:
+                s, i = ranking.top_k_streamed(self._post_scorer(chosen), features.iter_chunks(rows), queries, k,
+                                              rows_per_chunk=rows, self_index=exclude)
+            except ranking.NonFiniteScores:
+                raise IndexFileError(f"index {self.name}: damaged (non-finite stored features: NaN scores)") from None
+            return s, i.astype(np.int64)
         self_index = None if exclude is None else jnp.asarray(exclude, jnp.int32)
         s, i = ranking.top_k(chosen, self.prepared(chosen.name), jnp.asarray(queries, jnp.float32), k=k,
                              chunk=self.chunk, self_index=self_index, exclude_self=exclude is not None)
@@ -434,7 +581,7 @@ class Index:
     # ---- what it holds ------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._data.ids)
+        return len(self._data)
 
     def __repr__(self) -> str:
         return (f"Index({len(self)} images of {self.root}, backbone={self._data.backbone}, "
@@ -450,7 +597,7 @@ class Index:
 
     @property
     def ids(self) -> np.ndarray:
-        return self._data.ids
+        return np.arange(len(self), dtype=np.int64)
 
     @property
     def paths(self) -> list[str]:
@@ -488,14 +635,39 @@ class Index:
 
     # ---- faiss ----------------------------------------------------------------------------------------------
 
-    def to_faiss(self):
-        """The index as a faiss index (cosine: IndexFlatIP; euclid: IndexFlatL2) that takes raw backbone
-        features (`embed(q, raw=True)`): the post-processing is inside it. See `api/faiss_export.py`."""
-        return faiss_export.to_faiss(self)
+    def to_faiss(self, factory: Optional[str] = None, **options: Any):
+        """The index as a faiss index that takes raw backbone features (`embed(q, raw=True)`): the
+        post-processing is inside it. Flat (cosine: IndexFlatIP; euclid: IndexFlatL2) by default, or a
+        trained `factory` index (`"IVF1024,PQ32"` ...) filled chunk by chunk. See `api/faiss_export.py`."""
+        return faiss_export.to_faiss(self, factory, **options)
 
-    def save_faiss(self, path: Union[str, os.PathLike]) -> tuple[Path, Path]:
-        """Writes `to_faiss()` to `path` (faiss.write_index) and its ids and paths beside it (`path.json`)."""
-        return faiss_export.save_faiss(self, path)
+    def save_faiss(self, path: Union[str, os.PathLike], factory: Optional[str] = None) -> tuple[Path, Path]:
+        """Writes `to_faiss(factory)` to `path` (faiss.write_index) and its ids and paths beside it (`path.json`)."""
+        return faiss_export.save_faiss(self, path, factory)
+
+    def iter_gallery(self, rows: int = STREAM_ROWS) -> Iterable[tuple[int, np.ndarray]]:
+        """(first row, post-processed rows) chunk by chunk: from disk for a stored index, never whole."""
+        features = self._data.features
+        if isinstance(features, FeatureStore) and self._raw is None:
+            for first, chunk in features.iter_chunks(rows):
+                yield first, postprocess.apply(self._data.post, self._finite(chunk))
+        else:
+            x = self._features()
+            for first in range(0, len(x), rows):
+                yield first, postprocess.apply(self._data.post, x[first:first + rows])
+
+    def sample_gallery(self, rows: int, seed: int = 0) -> np.ndarray:
+        """`rows` post-processed gallery rows drawn without replacement (all of them if fewer), in row order."""
+        n = len(self)
+        if rows >= n:
+            return self.gallery() if self._gallery is not None or not isinstance(self._data.features, FeatureStore) \
+                else np.concatenate([c for _, c in self.iter_gallery()])
+        wanted = np.sort(np.random.default_rng(seed).choice(n, rows, replace=False))
+        picked = []
+        for first, chunk in self.iter_gallery():
+            at = wanted[(wanted >= first) & (wanted < first + len(chunk))] - first
+            picked.append(chunk[at])
+        return np.concatenate(picked)
 
 
 def from_command_line(
@@ -512,7 +684,7 @@ def from_command_line(
     named = {str(name): baseline_scorer(name) for name in also}  # a wrong name fails before any feature loads
     if now.index:
         refuse_overrides(now.index, overridden)
-        return now, Index.load(now.index).with_scorers(named)
+        return now, Index.load(now.index, root=now.index_root, memory=now.index_memory).with_scorers(named)
     cfg, primary = now, {}
     if now.checkpoint:
         run = Path(now.checkpoint)

@@ -46,7 +46,7 @@ RerankBase = choice("RerankBase", "fixed", "tuned")
 Schedule = choice("Schedule", "cosine", "constant")
 EvalOn = choice("EvalOn", "auto", "held_out", "all")
 Select = choice("Select", "best", "last")
-TunedBaseline = choice("TunedBaseline", "alpha_qe", "dba_alpha_qe", "diffusion")
+TunedBaseline = choice("TunedBaseline", "alpha_qe", "dba_alpha_qe", "diffusion", "k_reciprocal")
 # The names the registries hold (losses.LOSSES, optim.OPTIMIZERS, heads.FIXED_METRICS, rerank.RERANKERS);
 # tests/test_config.py checks each enum against its registry, so a new entry cannot be left out of either.
 LossName = choice("LossName", "mse", "contrastive", "ranking", "listwise")
@@ -297,10 +297,16 @@ class Config:
     checkpoint: Optional[str] = None
     query: Optional[str] = None
     k: int = 10
-    # index: the file a persistent index is written to (cbir_jax/api/store.py).
+    # index: the folder a persistent index is written to, or updated in place (cbir_jax/api/store.py).
     out: Optional[str] = None
-    # search: a saved index to rank against instead of extracting the gallery (`data` is not read).
+    # index: also write a trained faiss index of the gallery (`index_factory` string, e.g. IVF1024,PQ32).
+    faiss: Optional[str] = None
+    # search / serve: a saved index to rank against instead of extracting the gallery (`data` is not read);
+    # `index_root`: its images folder, when that lies outside the index's own folder (trusted only if given);
+    # `index_memory`: auto | ram | stream, how its gallery is ranked (cbir_jax/api/index.py: Index).
     index: Optional[str] = None
+    index_root: Optional[str] = None
+    index_memory: str = "auto"
     # The metric `train` returns for a Hydra sweeper to optimise (hparams_search/): the trained scorer's value.
     optimized_metric: str = "map_at_r"
     experiment: Any = None

@@ -15,6 +15,7 @@ import contextlib
 import glob
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -50,7 +51,10 @@ def remove_orphans(path: Path) -> list[Path]:
             else:
                 orphan = age > ORPHAN_AGE_S
             if orphan:
-                tmp.unlink()
+                if tmp.is_dir() and not tmp.is_symlink():  # a folder written whole (an index), then renamed
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
                 removed.append(tmp)
         except OSError:  # gone already (its writer finished), or not ours to remove
             continue
@@ -86,3 +90,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], mod
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def temporary_folder(path: str | os.PathLike) -> Path:
+    """A fresh folder beside `path`, named as `atomic_write`'s temporary files (so a killed writer's is
+    removed by the next one): fill it, then `replace_folder` it onto `path`."""
+    path = Path(path)
+    remove_orphans(path)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp"))
+
+
+def replace_folder(tmp: Path, path: str | os.PathLike) -> Path:
+    """Moves the finished folder `tmp` onto `path`, replacing what was there (a folder cannot be renamed over
+    a non-empty one, so the old one is renamed aside first, then removed)."""
+    path = Path(path)
+    old = None
+    if path.exists() or path.is_symlink():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp"))
+        os.replace(path, old / "previous")
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax.core.config import Whiten
-from cbir_jax.core.vectors import l2_normalise
+from cbir_jax.core.vectors import ArrayT, l2_normalise
 
 
 
 def fit(cfg, gallery: np.ndarray) -> dict[str, Any]:
     """Fits the post-processing named by a FeaturesConfig on gallery features (N, D)."""
-    x = gallery.astype(np.float64)
+    if cfg.whiten == "none":  # nothing to fit: the gallery is not read (it may be a million rows on disk)
+        return {"l2": bool(cfg.l2_normalize)}
+    x = np.asarray(gallery).astype(np.float64)
     if cfg.l2_normalize:
         x = l2_normalise(x)
-    if cfg.whiten == "none":
-        return {"l2": bool(cfg.l2_normalize)}
     Whiten(cfg.whiten)  # a direct caller's bad value fails here; a composed config cannot hold one
     mean = x.mean(axis=0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
@@ -33,12 +35,15 @@ def fit(cfg, gallery: np.ndarray) -> dict[str, Any]:
     return {"l2": bool(cfg.l2_normalize), "mean": mean.astype(np.float32), "projection": projection.astype(np.float32)}
 
 
-def apply(params: dict[str, Any], x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
+def apply(params: dict[str, Any], x: ArrayT) -> ArrayT:
+    """The fitted post-processing of rows (N, D): numpy in, numpy out; JAX in, JAX out (so a streamed
+    gallery chunk is post-processed inside the jitted scan, in the pass that scores it)."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = xp.asarray(x, xp.float32)
     if params["l2"]:
         x = l2_normalise(x)
     if "projection" in params:
         x = (x - params["mean"]) @ params["projection"]
         if params["l2"]:
             x = l2_normalise(x)
-    return x.astype(np.float32)
+    return x.astype(xp.float32) if xp is jnp else x.astype(np.float32, copy=False)

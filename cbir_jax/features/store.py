@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from filelock import FileLock
@@ -117,6 +117,7 @@ class FeatureStore:
         self.root, self.manifest = root, manifest
         self.shards: list[dict] = manifest["shards"]
         self._offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
+        self._maps: dict[int, np.ndarray] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, fingerprint: Optional[str] = None) -> "FeatureStore":
@@ -160,8 +161,12 @@ class FeatureStore:
         return [(r[0], r[4]) for s in self.shards for r in s["skipped"] + s.get("unread", [])]
 
     def shard(self, i: int) -> np.ndarray:
-        """Shard i memory-mapped read-only (storage dtype): its pages are read only when touched."""
-        return np.load(self.root / "shards" / f"{self.shards[i]['name']}.npy", mmap_mode="r")
+        """Shard i memory-mapped read-only (storage dtype): its pages are read only when touched. Each shard
+        is mapped once per store object, so a gallery streamed for every batch of queries is not faulted in
+        again each time (its pages are file-backed: the kernel drops them under memory pressure)."""
+        if i not in self._maps:
+            self._maps[i] = np.load(self.root / "shards" / f"{self.shards[i]['name']}.npy", mmap_mode="r")
+        return self._maps[i]
 
     def features_memmap(self) -> list[np.ndarray]:
         """Every shard memory-mapped, in row order (concatenate only what fits in memory)."""
@@ -177,6 +182,10 @@ class FeatureStore:
             m = self.shard(i)
             at = 0
             while at < len(m):
+                if not have and at + rows <= len(m) and m.dtype == np.dtype(dtype):  # inside one shard: a view of
+                    yield first, m[at : at + rows]  # the mapped file, no copy (its pages are read when used)
+                    first, at = first + rows, at + rows
+                    continue
                 take = min(rows - have, len(m) - at)
                 buf.append(np.asarray(m[at : at + take], dtype=dtype))
                 have, at = have + take, at + take
@@ -186,12 +195,34 @@ class FeatureStore:
         if have:
             yield first, np.concatenate(buf)
 
+    def rows(self, positions: Sequence[int], dtype=np.float32) -> np.ndarray:
+        """The features of these rows (any order), read from their shards alone."""
+        positions = np.asarray(positions, np.int64)
+        shard = np.searchsorted(self._offsets, positions, side="right") - 1
+        out = np.empty((len(positions), self.dim), dtype)
+        for j, (i, r) in enumerate(zip(shard.tolist(), positions.tolist())):
+            out[j] = self.shard(i)[r - self._offsets[i]]
+        return out
+
     def features(self, dtype=np.float32) -> np.ndarray:
         """All rows in memory as `dtype` (what the in-memory consumers use)."""
         out = np.empty((len(self), self.dim), dtype)
         for first, chunk in self.iter_chunks(65536, dtype):
             out[first : first + len(chunk)] = chunk
         return out
+
+    def check_shapes(self) -> None:
+        """Each shard's `.npy` header agrees with the manifest (rows, dim, dtype): cheap, no feature read; a
+        truncated or swapped shard is one line here instead of a wrong ranking later."""
+        for i, s in enumerate(self.shards):
+            try:
+                m = self.shard(i)
+            except (OSError, ValueError) as e:  # a truncated .npy: np.load's own complaint, one line
+                raise StoreError(f"{self.root}: shard {s['name']} is unreadable ({str(e).splitlines()[0][:80]}); "
+                                 "build the store again to re-extract it") from None
+            if m.shape != (s["rows"], self.dim) or m.dtype != self.dtype:
+                raise StoreError(f"{self.root}: shard {s['name']} holds {m.shape} {m.dtype}, not "
+                                 f"({s['rows']}, {self.dim}) {self.dtype}; build the store again")
 
     def verify(self) -> list[str]:
         """Names of shards whose bytes do not match their manifest SHA-256 (reads every shard)."""
@@ -317,6 +348,71 @@ def _next_name(names: Sequence[str]) -> Callable[[], str]:
     return next_name
 
 
+def _header(fingerprint: str, backbone: str, dim: int, storage: str, shard_rows: int) -> dict:
+    return {"format": FORMAT, "fingerprint": fingerprint, "backbone": backbone, "dim": int(dim),
+            "dtype": STORAGE[storage].name, "shard_rows": int(shard_rows)}
+
+
+def write_store(
+    path: str | os.PathLike,
+    shards: Iterable[tuple[np.ndarray, Sequence[Item]]],
+    *,
+    fingerprint: str,
+    backbone: str,
+    dim: int,
+    storage: str = "float32",
+    shard_rows: int = 4096,
+    skipped: Sequence[tuple[Item, str]] = (),
+) -> "FeatureStore":
+    """A new store at `path` (which must not hold one) from features already computed, one (rows, items)
+    pair per shard: how an in-memory `Index` is saved, and how a store is copied without the images."""
+    root = Path(os.path.expanduser(path))
+    if (root / "manifest.json").exists() or (root / "shards").exists():
+        raise StoreError(f"{root}: already holds a feature store; write a new one elsewhere")
+    store = _Store(root, _header(fingerprint, backbone, dim, storage, shard_rows))
+    store.shard_dir.mkdir(parents=True, exist_ok=True)
+    next_name = _next_name([])
+    records = []
+    with FileLock(str(root / "store.lock")):
+        for features, items in shards:
+            if len(items):
+                records.append(store.write_shard(next_name(), np.asarray(features), [it.row() for it in items], [], [])[0])
+        if skipped:  # files that were never read: kept with the store, so an update knows them
+            rows = [[*it.row(), reason] for it, reason in skipped]
+            if records:
+                records[-1]["skipped"] = rows
+                atomic_write_text(store.record_path(records[-1]["name"]), json.dumps(records[-1], sort_keys=True))
+            else:
+                records.append(store.write_shard(next_name(), np.zeros((0, dim), np.float32), [], rows, [])[0])
+        store.write_manifest(records)
+    return FeatureStore.open(root, fingerprint=fingerprint)
+
+
+def remove_rows(path: str | os.PathLike, rows: np.ndarray) -> "FeatureStore":
+    """The store at `path` without these rows (positions in row order): each shard that holds one is
+    rewritten (a copy, no forward pass), the others are untouched; under the builders' lock."""
+    root = Path(os.path.expanduser(path))
+    with FileLock(str(root / "store.lock")):
+        current = FeatureStore.open(root)
+        store = _Store(root, {k: current.manifest[k] for k in ("format", "fingerprint", "backbone", "dim", "dtype",
+                                                                 "shard_rows")})
+        drop = np.unique(np.asarray(rows, np.int64))
+        records = []
+        for i, shard in enumerate(current.shards):
+            first, last = current._offsets[i], current._offsets[i + 1]
+            mine = drop[(drop >= first) & (drop < last)] - first
+            rec = _read_json(store.record_path(shard["name"]))
+            if rec is None:
+                raise StoreError(f"{root}: the commit record of shard {shard['name']} is missing; build the store again")
+            if len(mine):
+                keep = np.setdiff1d(np.arange(shard["rows"]), mine)
+                rec = store.remove_rows(rec, keep, rec["skipped"])
+            if rec is not None:
+                records.append(rec)
+        store.write_manifest(records)
+    return FeatureStore.open(root)
+
+
 def build_store(
     path: str | os.PathLike,
     dataset: ImageDataset,
@@ -345,9 +441,7 @@ def build_store(
         raise StoreError(f"features.shard_rows={shard_rows}: must be positive")
     t0 = time.time()
     root = Path(os.path.expanduser(path))
-    header = {"format": FORMAT, "fingerprint": backbone.fingerprint, "backbone": backbone.name,
-              "dim": int(backbone.feature_dim), "dtype": STORAGE[storage].name, "shard_rows": int(shard_rows)}
-    store = _Store(root, header)
+    store = _Store(root, _header(backbone.fingerprint, backbone.name, backbone.feature_dim, storage, shard_rows))
     items = dataset_items(dataset)
     index_of = {it: i for i, it in enumerate(items)}
     lock = None

@@ -224,17 +224,25 @@ def top_k_streamed(
 
     stream = iter(chunks)
     upcoming = put(next(stream, None))
+    nan = jnp.bool_(False)
     while upcoming is not None:
         current, upcoming = upcoming, put(next(stream, None))
-        best = _merge_chunk(scorer, best, *current, queries, excluded, k)
+        best, nan = _merge_chunk(scorer, best, nan, *current, queries, excluded, k)
+    if bool(nan):
+        raise NonFiniteScores(f"{scorer.name}: NaN scores (the gallery or the queries hold non-finite values)")
     scores, ids = best
     return np.asarray(scores), np.asarray(jnp.where(jnp.isfinite(scores), ids, -1))
 
 
+class NonFiniteScores(ArithmeticError):
+    """A streamed gallery gave NaN scores: a stored gallery that is damaged, or non-finite queries."""
+
+
 @functools.partial(jax.jit, static_argnames=("scorer", "k"))
-def _merge_chunk(scorer: Scorer, best, first, valid, rows, queries, excluded, k: int):
+def _merge_chunk(scorer: Scorer, best, nan, first, valid, rows, queries, excluded, k: int):
     state_rows, shared = scorer.prepare(rows)
     s = scorer.score(state_rows, shared, queries, excluded - first).astype(jnp.float32)
+    nan = nan | jnp.any(jnp.isnan(s))  # fused into the pass that scores the chunk: no second read of it
     pos = jnp.arange(rows.shape[0], dtype=jnp.int32)
     label = first + pos
     invalid = (pos >= valid)[None, :] | (label[None, :] == excluded[:, None])
@@ -242,7 +250,7 @@ def _merge_chunk(scorer: Scorer, best, first, valid, rows, queries, excluded, k:
     all_s = jnp.concatenate([best[0], s], axis=1)
     all_i = jnp.concatenate([best[1], jnp.broadcast_to(label, s.shape)], axis=1)
     top_s, at = jax.lax.top_k(all_s, k)
-    return top_s, jnp.take_along_axis(all_i, at, axis=1)
+    return (top_s, jnp.take_along_axis(all_i, at, axis=1)), nan
 
 
 def gallery_neighbours(

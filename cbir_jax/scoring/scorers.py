@@ -43,6 +43,8 @@ class Scorer:
     score: Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
     chunkable: bool = True
     row_local: bool = False
+    # Scores do not change when a gallery row is scaled (cosine): an L2 post-processing before it is a no-op.
+    scale_invariant: bool = False
     # bytes `score` holds per gallery row besides the (B,) float32 scores; 0 for one GEMM plus elementwise
     # terms (cosine, euclid, dot), None where unknown (ranking then keeps its chunks at the default size)
     scratch_per_row: int | None = None
@@ -264,8 +266,8 @@ def pair_scorer(name: str, head: nn.Module, params, *, fast: bool = True) -> Sco
         prepare, score = FAST_FORMS.get(key)(head, params)
     else:
         prepare, score = _pairwise_form(head, params)
-    scratch = 0 if fast and key in GEMM_ONLY_FORMS else None
-    return Scorer(name=name, prepare=prepare, score=score, chunkable=True, row_local=True, scratch_per_row=scratch)
+    return Scorer(name=name, prepare=prepare, score=score, chunkable=True, row_local=True,
+                  scale_invariant=fast and key == "cosine", scratch_per_row=0 if fast and key in GEMM_ONLY_FORMS else None)
 
 
 def fixed_scorer(name: str) -> Scorer:
@@ -308,3 +310,14 @@ def with_storage(scorer: Scorer, dtype) -> Scorer:
     # scratch_per_row stays unknown: each step also holds a float32 copy of its chunk's features
     return Scorer(name=f"{scorer.name}[{dtype.name}]", prepare=prepare, score=score, chunkable=scorer.chunkable,
                   row_local=scorer.row_local)
+
+
+def with_transform(scorer: Scorer, transform: Callable[[jax.Array], jax.Array], name: str = "") -> Scorer:
+    """The same scorer on transformed gallery rows (`prepare(transform(rows))`): how a streamed gallery's
+    post-processing runs inside the jitted pass that scores each chunk, instead of as host passes before
+    it. Only row-local scorers: the transform sees one chunk at a time. Build it once per gallery (jit
+    caches by scorer identity)."""
+    if not scorer.row_local:
+        raise ValueError(f"{scorer.name} is not row-local: a per-chunk transform would change its answers")
+    return Scorer(name=name or f"{scorer.name}+transform", prepare=lambda rows: scorer.prepare(transform(rows)),
+                  score=scorer.score, chunkable=scorer.chunkable, row_local=True)

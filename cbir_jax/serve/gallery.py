@@ -39,6 +39,7 @@ SCORE_MEANINGS = {
     "alpha_qe": "cosine to the query averaged with its nearest neighbours (α-QE): 1 is the same direction",
     "dba_alpha_qe": "cosine after query and database expansion: scores crowd near 1, the order is what counts",
     "diffusion": "relevance spread over the gallery's neighbour graph: relative within a query, not a similarity",
+    "k_reciprocal": "minus a mix of k-reciprocal Jaccard distance and 1 - cosine: 0 is closest, the order is what counts",
 }
 
 
@@ -186,7 +187,7 @@ def rank(gallery: PreparedGallery, query: np.ndarray, self_row: int = -1, k: Opt
 def search_row(gallery: PreparedGallery, row: int, k: Optional[int] = None,
                scorers: Optional[list[str]] = None) -> list[Ranked]:
     """Ranks the gallery for one of its own images (which is left out of its results)."""
-    return rank(gallery, gallery.features[row : row + 1], self_row=row, k=k, scorers=scorers)
+    return rank(gallery, gallery.index.rows([row]), self_row=row, k=k, scorers=scorers)  # one row: nothing loaded
 
 
 def search_image(gallery: PreparedGallery, image: np.ndarray, k: Optional[int] = None,
