@@ -267,7 +267,8 @@ def pair_scorer(name: str, head: nn.Module, params, *, fast: bool = True) -> Sco
     else:
         prepare, score = _pairwise_form(head, params)
     return Scorer(name=name, prepare=prepare, score=score, chunkable=True, row_local=True,
-                  scale_invariant=fast and key == "cosine", scratch_per_row=0 if fast and key in GEMM_ONLY_FORMS else None)
+                  scale_invariant=fast and key == "cosine",
+                  scratch_per_row=0 if fast and key in GEMM_ONLY_FORMS else None)
 
 
 def fixed_scorer(name: str) -> Scorer:
