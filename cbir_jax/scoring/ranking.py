@@ -3,9 +3,12 @@
 Contract (as faiss): `top_k(...) -> (scores, indices)`, both (B, k); scores are similarities in
 descending order; where the gallery holds fewer than k eligible items the index is -1.
 
-Chunks are read in place (`dynamic_slice`); the gallery is never padded or copied, and no more than one
-(B, chunk) block of scores exists at a time. The last chunk is aligned to the end of the gallery and the
-rows it shares with the chunk before are masked, so every row is scored once.
+The gallery is never padded or copied whole, and no more than one (chunk, B) block of scores exists at a
+time. When the whole gallery's scores fit in SCORE_BLOCK_BYTES it is scored in one step, read in place;
+otherwise in even chunks sized to the cache (`chunk_rows`: XLA:CPU copies a `dynamic_slice` it feeds a GEMM,
+so a chunk is kept small enough for that copy to stay in cache). The last chunk is aligned to the end of the
+gallery and the rows it shares with the chunk before are masked, so every row is scored once. Each chunk's
+k best are selected exactly in two stages (`_select`) and merged into the running top-k.
 """
 
 from __future__ import annotations
