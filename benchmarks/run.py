@@ -62,7 +62,7 @@ def machine() -> str:
             f"Python {platform.python_version()}; {', '.join(versions)}")
 
 
-def render(rows: list[dict], quick: bool, seconds: float, blas: str, log: list[str]) -> str:
+def render(rows: list[dict], quick: bool, seconds: float, blas: str, log: list[str], command: str) -> str:
     env = ", ".join(f"{v}={os.environ[v]}" for v in OPENBLAS_VARS if v in os.environ) or "neither set on this machine"
     out = [f"# Benchmarks {datetime.date.today()}{' (quick)' if quick else ''}", "",
            f"Machine: {machine()}. No GPU: this run had none (a GPU row needs a GPU machine; none was simulated).",
@@ -77,7 +77,7 @@ def render(rows: list[dict], quick: bool, seconds: float, blas: str, log: list[s
            f"OpenBLAS overrides ({', '.join(OPENBLAS_VARS)}): {env}; both are removed together for every peer "
            "process (and the limits process) alone, never for ours, tests or CI; the kernel each peer then ran "
            "is named in its row.", "",
-           f"Command: `python -m benchmarks.run{' --quick' if quick else ''}` ({seconds / 60:.1f} min).", ""]
+           f"Command: `{command}` ({seconds / 60:.1f} min).", ""]
     out += table.markdown(rows)
     out += ["", "| job | wall time | 1-min load average at start → end (2 cores) |", "|---|---:|---|", *log]
     out += ["", "Notes:",
@@ -125,7 +125,7 @@ def jobs(quick: bool, tmp: str) -> list[tuple[str, Callable[[], list[dict]]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller galleries, fewer repetitions (< 4 min)")
-    parser.add_argument("--only", help="comma-separated job names to run (for development; no file written)")
+    parser.add_argument("--only", help="comma-separated job names to run; the table goes to <date>-<names>.md")
     args = parser.parse_args()
     start = time.perf_counter()
     blas = measure_limits()
@@ -144,13 +144,14 @@ def main() -> None:
             log.append(f"| {name} | {time.perf_counter() - t:.0f} s | {load:.1f} → {os.getloadavg()[0]:.1f} |")
             print(log[-1], file=sys.stderr, flush=True)
     measure_limits()
-    text = render(rows, args.quick, time.perf_counter() - start, blas, log)
+    command = "python -m benchmarks.run" + " --quick" * args.quick + (f' --only "{args.only}"' if args.only else "")
+    text = render(rows, args.quick, time.perf_counter() - start, blas, log, command)
     print(text)
-    if not args.only:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{datetime.date.today()}{'-quick' if args.quick else ''}.md"
-        path.write_text(text)
-        print(f"written: {path}", file=sys.stderr)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    only = "-" + args.only.replace(" ", "-").replace(",", "+") if args.only else ""
+    path = RESULTS / f"{datetime.date.today()}{'-quick' if args.quick else ''}{only}.md"
+    path.write_text(text)
+    print(f"written: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

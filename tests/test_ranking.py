@@ -53,3 +53,35 @@ def test_learned_head_ranking_equals_pairwise_application(data, head_name):
     for scorer in (fast, naive):
         full = ranking.score_all(scorer, scorer.prepare(jnp.asarray(gallery)), jnp.asarray(queries), jnp.full((5,), -1), chunk=64)
         np.testing.assert_allclose(np.asarray(full), dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("c, k", [(4096, 10), (5003, 10), (3000, 50), (1000, 1), (64, 5)])
+def test_two_stage_selection_equals_lax_top_k(c, k):
+    """`_select` (block maxima, then the best blocks' entries) returns exactly `lax.top_k`, ties and -inf
+    included: ties go to the lower column, as in one top-k over every score."""
+    rng = np.random.default_rng(c + k)
+    s = rng.integers(0, 50, size=(6, c)).astype(np.float32)  # many exact ties
+    s[1] = 3.0  # a row of one value
+    s[2, : c // 2] = -np.inf  # masked entries
+    s[3] = -np.inf  # nothing eligible
+    got = ranking._select(jnp.asarray(s.T), k)  # (c, B): one column per query
+    want = jax.lax.top_k(jnp.asarray(s), min(k, c))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+@pytest.mark.parametrize("chunk", [None, 64, 1000])
+def test_top_k_with_ties_equals_stable_argsort(chunk):
+    """Small-integer features, so every inner product is exact and repeated rows tie exactly: ranked in one
+    step or in chunks, the lower row wins every tie, as a stable argsort says; the query's own row is left out."""
+    rng = np.random.default_rng(3)
+    gallery = np.concatenate([rng.integers(-3, 4, size=(300, 12))] * 7)[:2003].astype(np.float32)
+    queries = gallery[[5, 305, 1999, 42]]
+    self_index = np.array([5, 305, 1999, 42], np.int32)
+    dense = queries @ gallery.T
+    dense[np.arange(4), self_index] = -np.inf
+    s, i = ranking.top_k(scorers.DOT, scorers.DOT.prepare(jnp.asarray(gallery)), jnp.asarray(queries), k=12,
+                         chunk=chunk, self_index=jnp.asarray(self_index), exclude_self=True)
+    expected = np.argsort(-dense, axis=1, kind="stable")[:, :12]
+    np.testing.assert_array_equal(np.asarray(i), expected)
+    np.testing.assert_array_equal(np.asarray(s), np.take_along_axis(dense, expected, 1))

@@ -3,14 +3,19 @@
 Contract (as faiss): `top_k(...) -> (scores, indices)`, both (B, k); scores are similarities in
 descending order; where the gallery holds fewer than k eligible items the index is -1.
 
-Chunks are read in place (`dynamic_slice`); the gallery is never padded or copied, and no more than one
-(B, chunk) block of scores exists at a time. The last chunk is aligned to the end of the gallery and the
-rows it shares with the chunk before are masked, so every row is scored once.
+The gallery is never padded or copied whole, and no more than one (chunk, B) block of scores exists at a
+time. When the whole gallery's scores fit in SCORE_BLOCK_BYTES it is scored in one step, read in place;
+otherwise in even chunks sized to the cache (`chunk_rows`: XLA:CPU copies a `dynamic_slice` it feeds a GEMM,
+so a chunk is kept small enough for that copy to stay in cache). The last chunk is aligned to the end of the
+gallery and the rows it shares with the chunk before are masked, so every row is scored once. Each chunk's
+k best are selected exactly in two stages (`_select`) and merged into the running top-k.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
+import math
 from typing import Any, Callable, Iterable
 
 import jax
@@ -24,6 +29,10 @@ def _num_rows(rows: Any) -> int:
     return jax.tree_util.tree_leaves(rows)[0].shape[0]
 
 
+def _row_bytes(rows: Any) -> int:
+    return sum(x.dtype.itemsize * math.prod(x.shape[1:]) for x in jax.tree_util.tree_leaves(rows))
+
+
 def _chunk_at(rows: Any, start: jax.Array, chunk: int) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0), rows)
 
@@ -35,13 +44,86 @@ def _chunk_starts(n: int, chunk: int) -> tuple[jax.Array, jax.Array]:
     return nominal, jnp.minimum(nominal, n - chunk)
 
 
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache of this host (L3 on most machines), from sysfs; 32 MiB where it cannot be read."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 << 20)
+
+
+# The most bytes one step's scores (and a light scorer's per-row terms) may take: below it the whole gallery
+# is scored in one step, read in place. Above it a step reads a chunk that fits in half the last-level cache:
+# on CPU a chunk fed to the GEMM is a copy (XLA materialises the dynamic slice), and a cache-resident copy
+# costs little. Scorers whose intermediates are unknown (`Scorer.scratch_per_row` None: learned heads, SSIM)
+# keep chunks of at most DEFAULT_CHUNK rows, evened out.
+SCORE_BLOCK_BYTES = 32 << 20
+CHUNK_CACHE_BYTES = _last_level_cache_bytes() // 2
+DEFAULT_CHUNK = 8192
+
+
+def chunk_rows(n: int, b: int, row_bytes: int, most: int | None = None, scratch_per_row: int | None = 0) -> int:
+    """Gallery rows scored per step, for n rows of `row_bytes`, b queries and a scorer that holds
+    `scratch_per_row` bytes per row besides the (b, rows) float32 scores (None: unknown). At most `most`.
+
+    Chunks are evened out (n = 10,000 in chunks of at most 8,192 is two of 5,024, not 8,192 + 8,192 with
+    6,384 rows scored twice) and rounded up to a multiple of 32 where that stays within the cap."""
+    if most is None and scratch_per_row is None:
+        most = DEFAULT_CHUNK
+    if most is None:
+        per_row = 4 * b + scratch_per_row
+        if n * per_row <= SCORE_BLOCK_BYTES:
+            return n
+        most = min(CHUNK_CACHE_BYTES // max(row_bytes, 1), SCORE_BLOCK_BYTES // per_row)
+    most = max(1, min(most, n))
+    chunk = -(-n // -(-n // most))
+    rounded = -(-chunk // 32) * 32
+    return rounded if rounded <= most else chunk
+
+
+def _block_width(c: int, k: int) -> int:
+    """Width m of the blocks the two-stage selection takes maxima over (0: select directly). m ~ sqrt(c/k)
+    balances its two top-k passes, over c/m block maxima and over the k*m entries of the k best blocks."""
+    if k < 1:
+        return 0
+    m = 1 << max(3, round(math.log2(max(c / k, 1)) / 2))
+    return m if c >= 4 * k * m else 0
+
+
+def _select(s_t: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k(s_t.T, min(k, c))` of (c, B) scores (one column per query), as (scores, rows) (B, k),
+    exactly, ties to the lower row.
+
+    Two stages: the maxima of contiguous blocks of m rows, the k best blocks (in row order), then the k
+    best of their k*m entries. Exact: an entry outside the k best blocks has k blocks ranked before its
+    own, and each holds an entry (its first maximum) ranked before it, by value or by lower row on a tie.
+    Replaces a sort-based top-k over all c rows by two over ~2*sqrt(c*k) entries. The scores stay in the
+    (c, B) layout the gallery-major GEMM writes (`scorers.gallery_major`): the block maxima are a reduction
+    over whole rows of B queries, and only the k*m candidates per query are gathered across it."""
+    c, b = s_t.shape
+    m = _block_width(c, k)
+    if not m:
+        return jax.lax.top_k(s_t.T, min(k, c))
+    nb = -(-c // m)
+    blocks = jnp.pad(s_t, ((0, nb * m - c), (0, 0)), constant_values=-jnp.inf).reshape(nb, m, b)
+    _, best_blocks = jax.lax.top_k(jnp.max(blocks, axis=1).T, k)  # (B, k)
+    best_blocks = jnp.sort(best_blocks, axis=1)  # row order, so ties among candidates go to the lower row
+    cand = blocks[best_blocks, :, jnp.arange(b)[:, None]].reshape(b, k * m)  # (B, k, m) -> (B, k*m)
+    top_s, at = jax.lax.top_k(cand, k)
+    return top_s, jnp.take_along_axis(best_blocks, at // m, axis=1) * m + at % m
+
+
 def scan_top_k(
     scorer: Scorer,
     rows: Any,
     shared: Any,
     queries: jax.Array,
     k: int,
-    chunk: int,
+    chunk: int | None = None,
     self_index: jax.Array | None = None,
     exclude_self: bool = False,
     ids: jax.Array | None = None,
@@ -50,34 +132,48 @@ def scan_top_k(
 
     Labels are row positions, or `ids[position]` when `ids` is given (rows whose id is negative are
     padding and never returned); `self_index` is compared with the labels. Used per shard by sharding.
+    `chunk` is the most rows scored per step (None: `chunk_rows` picks it from N, B and the row size).
+
+    Per step: one scorer call on the chunk (read in place when the chunk is the whole gallery), the masks
+    fused into one elementwise pass, the chunk's k best by the two-stage `_select` (no (B, chunk) labels
+    are built), and a merge of 2k entries into the running top-k (earlier chunks first, so ties resolve to
+    the lower row, as one `lax.top_k` over every score would).
     """
     n = _num_rows(rows)
-    chunk = min(chunk, n) if scorer.chunkable else n  # a re-ranker reads the whole gallery's neighbourhoods
     b = queries.shape[0]
+    if scorer.chunkable:
+        chunk = chunk_rows(n, b, _row_bytes(rows), chunk, scorer.scratch_per_row)
+    else:
+        chunk = n  # a re-ranker reads the whole gallery's neighbourhoods
     if self_index is None:
         self_index = jnp.full((b,), -1, jnp.int32)
     nominal, actual = _chunk_starts(n, chunk)
 
-    def body(carry, starts):
-        best_s, best_i = carry
-        nominal_start, start = starts
+    def step(best, nominal_start, start):
+        best_s, best_i = best
+        rows_c = rows if chunk == n else _chunk_at(rows, start, chunk)
+        ids_c = None if ids is None else (ids if chunk == n else jax.lax.dynamic_slice_in_dim(ids, start, chunk))
         pos = start + jnp.arange(chunk, dtype=jnp.int32)
         local_self = self_index - start if ids is None else jnp.full_like(self_index, -1)
-        s = scorer.score(_chunk_at(rows, start, chunk), shared, queries, local_self).astype(jnp.float32)
-        label = pos if ids is None else jax.lax.dynamic_slice_in_dim(ids, start, chunk)
-        invalid = (pos < nominal_start)[None, :]  # already scored by the chunk before
+        # (chunk, B): a gallery-major form's GEMM output as written (the two transposes cancel)
+        s_t = scorer.score(rows_c, shared, queries, local_self).astype(jnp.float32).T
+        label = pos if ids is None else ids_c
+        invalid = (pos < nominal_start)[:, None]  # already scored by the chunk before
         if ids is not None:
-            invalid = invalid | (label < 0)[None, :]
+            invalid = invalid | (label < 0)[:, None]
         if exclude_self:
-            invalid = invalid | (label[None, :] == self_index[:, None])
-        s = jnp.where(invalid, -jnp.inf, s)
-        all_s = jnp.concatenate([best_s, s], axis=1)
-        all_i = jnp.concatenate([best_i, jnp.broadcast_to(label, s.shape)], axis=1)
+            invalid = invalid | (label[:, None] == self_index[None, :])
+        top_s, col = _select(jnp.where(invalid, -jnp.inf, s_t), k)
+        all_s = jnp.concatenate([best_s, top_s], axis=1)
+        all_i = jnp.concatenate([best_i, jnp.take(label, col, mode="clip")], axis=1)
         top_s, at = jax.lax.top_k(all_s, k)
-        return (top_s, jnp.take_along_axis(all_i, at, axis=1)), None
+        return top_s, jnp.take_along_axis(all_i, at, axis=1)
 
-    init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
-    (scores, indices), _ = jax.lax.scan(body, init, (nominal, actual))
+    best = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
+    if nominal.shape[0] == 1:
+        scores, indices = step(best, 0, 0)
+    else:
+        (scores, indices), _ = jax.lax.scan(lambda c, st: (step(c, *st), None), best, (nominal, actual))
     return scores, jnp.where(jnp.isfinite(scores), indices, -1)
 
 
@@ -87,11 +183,12 @@ def top_k(
     state: tuple[Any, Any],
     queries: jax.Array,
     k: int,
-    chunk: int = 8192,
+    chunk: int | None = None,
     self_index: jax.Array | None = None,
     exclude_self: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """The k best gallery items per query, scanning the gallery `chunk` rows at a time."""
+    """The k best gallery items per query, scanning the gallery at most `chunk` rows at a time (None: the
+    chunk `chunk_rows` picks from N, B and the row size)."""
     rows, shared = state
     return scan_top_k(scorer, rows, shared, queries, k, chunk, self_index, exclude_self)
 
@@ -165,11 +262,12 @@ def gallery_neighbours(
     """(N, k) similarities of each gallery row to its k nearest *other* rows under `scorer`, and their ids:
     the one k-nearest-neighbours-excluding-self of the project (hard pairs, re-rankers, CSLS).
 
-    Rows are queried `query_chunk` at a time against the prepared `state` of the same `gallery`; the last
-    block is padded, so `top_k` compiles once."""
+    Rows are queried in even blocks of at most `query_chunk` against the prepared `state` of the same
+    `gallery` (10,000 rows: ten blocks of 1,000, not nine of 1,024 and one padded from 784); the last block
+    is padded to the others' size, so `top_k` compiles once."""
     n = gallery.shape[0]
     k = min(k, n - 1)
-    block = min(query_chunk, n)
+    block = -(-n // -(-n // min(query_chunk, n)))
     sims, ids = [], []
     for start in range(0, n, block):
         q = gallery[start : start + block]

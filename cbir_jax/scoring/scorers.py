@@ -45,7 +45,27 @@ class Scorer:
     row_local: bool = False
     # Scores do not change when a gallery row is scaled (cosine): an L2 post-processing before it is a no-op.
     scale_invariant: bool = False
+    # bytes `score` holds per gallery row besides the (B,) float32 scores; 0 for one GEMM plus elementwise
+    # terms (cosine, euclid, dot), None where unknown (ranking then keeps its chunks at the default size)
+    scratch_per_row: int | None = None
 
+
+def gallery_major(gallery: jax.Array, queries: jax.Array) -> jax.Array:
+    """(n, B) inner products. From GALLERY_MAJOR_MIN_QUERIES queries on, the gallery is the GEMM's row
+    operand: on CPU (XLA's YNNPACK GEMM) the small query block is then the operand packed once per call,
+    instead of every gallery chunk being re-packed, and ranking selects on this layout directly
+    (`ranking._select`; its `.T` cancels the forms' `.T`). Below it the product is a matrix-vector one,
+    which XLA streams fastest as queries @ gallery.T, read in place."""
+    if queries.shape[0] >= GALLERY_MAJOR_MIN_QUERIES:
+        return gallery @ queries.T
+    return (queries @ gallery.T).T
+
+
+GALLERY_MAJOR_MIN_QUERIES = 16
+
+
+# Fast forms whose score is one GEMM plus elementwise terms: no intermediate larger than the scores.
+GEMM_ONLY_FORMS = frozenset({"cosine", "euclid", "CosineResidual"})
 
 # Fast forms keyed by head class: build(head, params) -> (prepare, score). Anything else is scored by
 # applying the head to every (query, gallery) pair, which is correct for any head but slower.
@@ -81,7 +101,7 @@ def _cosine_form(head, params):
 
     def score(rows, shared, queries, self_index):
         qn = vectors.l2_normalise(queries)
-        return (qn @ rows[FEATURES].T) * rows["inv_norm"][None, :]
+        return (gallery_major(rows[FEATURES], qn) * rows["inv_norm"][:, None]).T
 
     return prepare, score
 
@@ -92,9 +112,9 @@ def _euclid_form(head, params):
         return {FEATURES: gallery, "g2": jnp.sum(gallery.astype(jnp.float32) ** 2, axis=-1)}, None
 
     def score(rows, shared, queries, self_index):
-        q2 = jnp.sum(queries**2, axis=-1, keepdims=True)
-        d2 = q2 + rows["g2"][None, :] - 2.0 * (queries @ rows[FEATURES].T)
-        return -jnp.sqrt(jnp.maximum(d2, 0.0))
+        q2 = jnp.sum(queries**2, axis=-1)
+        d2 = q2[None, :] + rows["g2"][:, None] - 2.0 * gallery_major(rows[FEATURES], queries)
+        return -jnp.sqrt(jnp.maximum(d2, 0.0)).T
 
     return prepare, score
 
@@ -228,7 +248,7 @@ def _cosine_residual_form(head, params):
 
     def score(rows, shared, queries, self_index):
         del self_index
-        return embed(shared, queries) @ rows["g"].T
+        return gallery_major(rows["g"], embed(shared, queries)).T
 
     return prepare, score
 
@@ -247,7 +267,8 @@ def pair_scorer(name: str, head: nn.Module, params, *, fast: bool = True) -> Sco
     else:
         prepare, score = _pairwise_form(head, params)
     return Scorer(name=name, prepare=prepare, score=score, chunkable=True, row_local=True,
-                  scale_invariant=fast and key == "cosine")
+                  scale_invariant=fast and key == "cosine",
+                  scratch_per_row=0 if fast and key in GEMM_ONLY_FORMS else None)
 
 
 def fixed_scorer(name: str) -> Scorer:
@@ -261,12 +282,12 @@ def _dot_prepare(gallery):
 
 def _dot_score(rows, shared, queries, self_index):
     del shared, self_index
-    return queries @ rows[FEATURES].T
+    return gallery_major(rows[FEATURES], queries).T
 
 
 # Inner product: cosine on rows that are already unit vectors (the re-rankers' neighbourhoods), without
 # normalising them again.
-DOT = Scorer(name="dot", prepare=_dot_prepare, score=_dot_score, row_local=True)
+DOT = Scorer(name="dot", prepare=_dot_prepare, score=_dot_score, row_local=True, scratch_per_row=0)
 
 
 def with_storage(scorer: Scorer, dtype) -> Scorer:
@@ -287,6 +308,7 @@ def with_storage(scorer: Scorer, dtype) -> Scorer:
             rows = {**rows, FEATURES: rows[FEATURES].astype(jnp.float32)}
         return scorer.score(rows, shared, queries, self_index)
 
+    # scratch_per_row stays unknown: each step also holds a float32 copy of its chunk's features
     return Scorer(name=f"{scorer.name}[{dtype.name}]", prepare=prepare, score=score, chunkable=scorer.chunkable,
                   row_local=scorer.row_local)
 
