@@ -143,13 +143,14 @@ def test_train_then_evaluate_restores_the_same_reranker(tmp_path):
 
     overrides = ["head=learned_rerank", "head.reranker.k=5", "head.reranker.qe_k=3", "head.reranker.dim=16",
                  "head.reranker.depth=1", "head.reranker.queries_per_step=16", "head.reranker.val_every=1",
-                 "train.epochs=2", "data.views_per_image=6", "data.split.val_fraction=0.4",
+                 "train.epochs=2", "data.split.val_fraction=0.4",
                  "head.reranker.base=tuned", "eval.baselines=[cosine,dba_alpha_qe]", "eval.tuned_baselines=[dba_alpha_qe]"]
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     cfg = compose_config(*overrides)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     trained = train(to_typed(cfg), run)
+    # 4 validation photos x 4 views: 16 rows, enough for the tuning grid's k=10 and the re-ranker's k=5
     tuned = [name for name in trained if name.startswith("dba_alpha_qe[val:")]
     assert len(tuned) == 1 and "learned_rerank" in trained
     again = evaluate(compose_config(*overrides, f"checkpoint={run}"), tmp_path / "eval")

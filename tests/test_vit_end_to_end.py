@@ -21,7 +21,7 @@ from PIL import Image
 from cbir_jax.backbones import clip
 from cbir_jax.backbones import dinov2
 from cbir_jax.backbones import vit
-from helpers import FAST
+from helpers import FAST, compose_config
 
 PROJECT = Path(__file__).resolve().parents[1]
 # FAST without its backbone: the tiny DINOv2 at 56 px (4x4 patches) instead.
@@ -102,10 +102,21 @@ def _serve_answers(tmp_path: Path, *overrides: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family, size", [(clip.CLIP, 64), (clip.SIGLIP, 64)], ids=["clip", "siglip"])
-def test_clip_and_siglip_train_end_to_end(family, size, tmp_path):
+def test_clip_and_siglip_train_end_to_end(family, size, tmp_path, monkeypatch):
+    """The main job's `train` in this process (the command line itself is the DINOv2 test's): extraction with
+    the backbone, training, checkpoints."""
+    from omegaconf import OmegaConf
+
+    from cbir_jax.runs.cli import to_typed
+    from cbir_jax.train import train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     weights = write_checkpoint(family, "tiny", tmp_path / "model.safetensors")
     run = tmp_path / "run"
-    _run("cbir_jax.train", f"backbone={family.name}", "backbone.model=tiny", f"backbone.image_size={size}",
-         f"backbone.weights={weights}", "head=mlp", "labels=ssim_ratio", "train.evaluate=false",
-         f"hydra.run.dir={run}", f"cache_dir={tmp_path / 'cache'}", *COMMON)
+    cfg = compose_config(f"backbone={family.name}", "backbone.model=tiny", f"backbone.image_size={size}",
+                         f"backbone.weights={weights}", "head=mlp", "labels=ssim_ratio", "train.evaluate=false",
+                         f"cache_dir={tmp_path / 'cache'}", *COMMON, fast=False)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # what Hydra writes for a real run
+    train(to_typed(cfg), run)
     assert (run / "metrics.jsonl").read_text().strip() and any((run / "checkpoints").iterdir())
