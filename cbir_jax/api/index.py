@@ -502,10 +502,13 @@ class Index:
             if isinstance(features, FeatureStore) and self._raw is None and "projection" not in post:
                 # read from disk into a fresh array and normalised in place: the gallery costs N x D once,
                 # not three times (the raw rows are read again if `refit` or `subset` needs them)
-                # 64-byte aligned, so `device_put` aliases it on CPU instead of copying N x D again
-                x = self._finite(features.features(out=ranking.aligned_empty((len(features), features.dim))))
-                if post["l2"]:
-                    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
+                # 64-byte aligned, so `device_put` aliases it on CPU instead of copying N x D again; checked
+                # and normalised block by block, so no N x D temporary exists beside it
+                x = features.features(out=ranking.aligned_empty((len(features), features.dim)))
+                for first in range(0, len(x), 65536):
+                    block = self._finite(x[first:first + 65536])
+                    if post["l2"]:
+                        block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), EPS)  # as l2_normalise
                 self._gallery = x
             else:
                 self._gallery = postprocess.apply(post, self._features())
