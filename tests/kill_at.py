@@ -22,6 +22,9 @@ def die() -> None:
 
 
 SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
+# Ctrl-C as in a terminal: a test runner started in the background (`cmd &` without job control, as some CI
+# shells do) starts its children with SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if point in ("step", *SIGNALS):
     from cbir_jax.training import guards
 
