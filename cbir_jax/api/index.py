@@ -663,15 +663,8 @@ class Index:
     def sample_gallery(self, rows: int, seed: int = 0) -> np.ndarray:
         """`rows` post-processed gallery rows drawn without replacement (all of them if fewer), in row order."""
         n = len(self)
-        if rows >= n:
-            return self.gallery() if self._gallery is not None or not isinstance(self._data.features, FeatureStore) \
-                else np.concatenate([c for _, c in self.iter_gallery()])
-        wanted = np.sort(np.random.default_rng(seed).choice(n, rows, replace=False))
-        picked = []
-        for first, chunk in self.iter_gallery():
-            at = wanted[(wanted >= first) & (wanted < first + len(chunk))] - first
-            picked.append(chunk[at])
-        return np.concatenate(picked)
+        wanted = np.arange(n) if rows >= n else np.sort(np.random.default_rng(seed).choice(n, rows, replace=False))
+        return self.rows(wanted)  # a stored index reads only these rows
 
 
 def from_command_line(
