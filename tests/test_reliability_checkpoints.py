@@ -162,15 +162,24 @@ def test_best_json_never_names_a_save_that_has_not_finished(tmp_path, monkeypatc
     assert seen and all(seen)
 
 
-@pytest.mark.parametrize("where", ["save", "wait"])
+@pytest.mark.parametrize("where", ["save", "wait", "commit"])
 def test_full_disk_while_checkpointing_is_one_line_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, where):
     """ENOSPC injected where Orbax reports it: from `save` (synchronous part) or from the background write
-    (surfacing at `wait_until_finished`, as TensorStore's RESOURCE_EXHAUSTED)."""
+    (surfacing at `wait_until_finished`, as TensorStore's RESOURCE_EXHAUSTED); or where ours does, when step
+    8's data fit but its commit file did not (step 8 is then removed: it can never be restored)."""
     real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+    real_write = checkpointing.atomic_write_text
     failing = {"on": False}
 
+    def write(path, text):
+        if where == "commit" and path.parent.name == "8" and path.name == checkpointing.COMMIT_FILE:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, text)
+
+    monkeypatch.setattr(checkpointing, "atomic_write_text", write)
+
     def save(self, step, *args, **kwargs):
-        if "checkpoints" in str(self.directory) and step >= 8:
+        if "checkpoints" in str(self.directory) and step >= 8 and where != "commit":
             if where == "save":
                 raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / str(step)))
             failing["on"] = True
@@ -194,6 +203,7 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_earlier_checkpoints
     ckpts.close_quietly()
     assert step == 5
     assert not (run / "model.json").exists()
+    assert not (run / "checkpoints" / "8").exists()
 
 
 @pytest.mark.parametrize(

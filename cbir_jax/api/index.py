@@ -149,7 +149,7 @@ class Index:
 
     def __init__(self, data: Stored, backbone: Backbone, scorer: Union[Scorer, Mapping[str, Scorer]],
                  features: FeaturesConfig, run: Optional[Run] = None, batch_size: int = 32,
-                 chunk: int = EvalConfig.gallery_chunk, load: Optional[Callable[[int], np.ndarray]] = None,
+                 chunk: Optional[int] = EvalConfig.gallery_chunk, load: Optional[Callable[[int], np.ndarray]] = None,
                  name: str = "", memory: str = "auto") -> None:
         if memory not in MEMORY:
             raise UserError(f"memory={memory!r}: valid: {', '.join(MEMORY)}")

@@ -236,7 +236,9 @@ class EvalConfig:
     on: EvalOn = EvalOn.auto
     k: int = 10
     query_chunk: int = 256
-    gallery_chunk: int = 8192
+    # Most gallery rows scored per step; null: chosen from N, the query batch and the cache
+    # (`ranking.chunk_rows`), so a gallery whose scores fit in 32 MiB is scored in one step, read in place.
+    gallery_chunk: Optional[int] = None
     # Fixed metrics and non-learned re-rankers compared with the trained head in every table.
     baselines: list[Baseline] = dataclasses.field(
         default_factory=lambda: [Baseline.euclid, Baseline.cosine, Baseline.ssim, Baseline.ssim_ratio]

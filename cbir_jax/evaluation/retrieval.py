@@ -22,7 +22,7 @@ def evaluate_scorer(
     self_index: np.ndarray,
     *,
     query_chunk: int = 256,
-    gallery_chunk: int = 8192,
+    gallery_chunk: int | None = None,
     per_query: dict[str, np.ndarray] | None = None,
     keep_top: int = 0,
 ) -> dict[str, float]:
@@ -55,7 +55,7 @@ def evaluate_scorer(
 
 
 def leave_one_out(
-    scorer: Scorer, x: np.ndarray, labels: np.ndarray, *, query_chunk: int = 256, gallery_chunk: int = 8192,
+    scorer: Scorer, x: np.ndarray, labels: np.ndarray, *, query_chunk: int = 256, gallery_chunk: int | None = None,
     per_query: dict[str, np.ndarray] | None = None, keep_top: int = 0,
 ) -> dict[str, float]:
     """Every row a query against all the others (its own entry removed): the one definition of validation

@@ -281,14 +281,16 @@ def gallery_neighbours(
 
 @functools.partial(jax.jit, static_argnames=("scorer", "chunk"))
 def score_all(
-    scorer: Scorer, state: tuple[Any, Any], queries: jax.Array, self_index: jax.Array, chunk: int = 8192
+    scorer: Scorer, state: tuple[Any, Any], queries: jax.Array, self_index: jax.Array, chunk: int | None = None
 ) -> jax.Array:
     """Every gallery score for each query, (B, N): what evaluation needs for full-ranking metrics."""
     rows, shared = state
     n = _num_rows(rows)
     if not scorer.chunkable:
         return scorer.score(rows, shared, queries, self_index)
-    chunk = min(chunk, n)
+    chunk = chunk_rows(n, queries.shape[0], _row_bytes(rows), chunk, scorer.scratch_per_row)
+    if chunk == n:  # one step, the gallery read in place
+        return scorer.score(rows, shared, queries, self_index).astype(jnp.float32)
     _, actual = _chunk_starts(n, chunk)
 
     def body(i, out):
@@ -308,7 +310,7 @@ def shortlist_rerank(
     queries: jax.Array,
     k: int,
     m: int,
-    chunk: int = 8192,
+    chunk: int | None = None,
     self_index: jax.Array | None = None,
     exclude_self: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -355,7 +357,7 @@ def search(
     gallery: np.ndarray,
     queries: np.ndarray,
     k: int,
-    chunk: int = 8192,
+    chunk: int | None = None,
     storage_dtype: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One-call search: prepares the gallery, ranks it, returns numpy (scores, indices).

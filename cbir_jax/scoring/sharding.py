@@ -114,7 +114,7 @@ def sharded_top_k(
     state: tuple[Any, Any, jax.Array],
     queries: jax.Array | np.ndarray,
     k: int,
-    chunk: int = 8192,
+    chunk: int | None = None,
     self_index: jax.Array | np.ndarray | None = None,
     exclude_self: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -132,12 +132,12 @@ def sharded_top_k(
     queries = jax.make_array_from_process_local_data(replicated, queries, queries.shape)
     self_index = jax.make_array_from_process_local_data(replicated, self_index, self_index.shape)
     per_shard = ids.shape[0] // mesh.devices.size
-    return _sharded_top_k(scorer, mesh, rows, shared, ids, queries, self_index, k=k, chunk=min(chunk, per_shard),
+    return _sharded_top_k(scorer, mesh, rows, shared, ids, queries, self_index, k=k, chunk=None if chunk is None else min(chunk, per_shard),
                           exclude_self=exclude_self)
 
 
 def sharded_search(
-    scorer: Scorer, gallery: np.ndarray, queries: np.ndarray, k: int, chunk: int = 8192, mesh: Mesh | None = None
+    scorer: Scorer, gallery: np.ndarray, queries: np.ndarray, k: int, chunk: int | None = None, mesh: Mesh | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One-host convenience: shards `gallery` over all local devices, ranks, returns numpy (scores, indices)."""
     mesh = mesh or gallery_mesh(jax.local_devices())

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.json"
 COMMIT_FILE = "cbir_jax.sha256.json"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # an unfinished Orbax save: never a step
 LOOP_ITEM = "loop"  # the training loop's host state (JSON), beside the array items
 CHECKPOINT_DIRS = {"last": "checkpoints", "best": "best"}  # best: the best-on-validation parameters
 # Keys model.json must hold, with their types: a file that lacks one is damaged, and says so in one line.
@@ -89,6 +91,7 @@ class Checkpoints:
         self.dir = Path(run_dir).resolve() / subdir
         self.manager = manager(run_dir, max_to_keep, create=create, subdir=subdir)
         self._pending: dict[int, dict[str, str]] = {}
+        self._cleaning_up = False
 
     # -- writing ---------------------------------------------------------------------------------------
     def save(self, step: int, items: dict[str, Any], loop: dict[str, Any] | None = None, wait: bool = False) -> None:
@@ -121,7 +124,12 @@ class Checkpoints:
                 if not final.is_dir():  # (looked at again: it may have been renamed in between)
                     self._pending.pop(step)  # failed, or deleted by max_to_keep: nothing to commit
                     continue
-            atomic_write_text(final / COMMIT_FILE, json.dumps({"step": step, "sha256": self._pending.pop(step)}))
+            try:
+                atomic_write_text(final / COMMIT_FILE, json.dumps({"step": step, "sha256": self._pending[step]}))
+            except OSError as e:  # e.g. a later save, still in flight, filled the disk first
+                self._raise_if_disk_full(e, max(self._pending))
+                raise
+            self._pending.pop(step)
 
     def wait(self) -> None:
         """Blocks until every save has finished and is committed."""
@@ -138,11 +146,24 @@ class Checkpoints:
 
     def _raise_if_disk_full(self, error: BaseException, step: int | None) -> None:
         if disk_full(error):
-            self._pending.pop(step, None)
-            with contextlib.suppress(Exception):  # earlier saves still in flight finish and are committed
-                self.manager.wait_until_finished()
-            with contextlib.suppress(OSError):
-                self.commit()
+            if self._cleaning_up:  # a commit inside the cleanup below failed too: the outer call reports
+                return
+            self._cleaning_up = True
+            try:
+                self._pending.pop(step, None)
+                with contextlib.suppress(Exception):  # earlier saves still in flight finish and are committed
+                    self.manager.wait_until_finished()
+                # The failed save holds the space the earlier steps' commit files need: its temporary folder,
+                # or its final one where only its commit file did not fit (uncommitted, it is never restored).
+                failed = list(self.dir.glob(f"*{TMP_SUFFIX}*"))
+                if step is not None and not (self.dir / str(step) / COMMIT_FILE).exists():
+                    failed.append(self.dir / str(step))
+                for folder in failed:
+                    shutil.rmtree(folder, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    self.commit()
+            finally:
+                self._cleaning_up = False
             self._pending.clear()
             kept = self.committed_steps()
             raise CheckpointError(
