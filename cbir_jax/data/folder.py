@@ -34,10 +34,15 @@ def _members(class_dir: Path) -> tuple[list[Path], str]:
             next(entries, None)
     except OSError as e:
         return [], f"unreadable class folder: {e.strerror}"
-    members = sorted(
-        f for f in class_dir.rglob("*")
-        if f.is_file() and not _is_hidden(f) and not any(map(_is_hidden, f.relative_to(class_dir).parents))
-    )
+    # os.walk on strings, not rglob and relative_to on Paths: listing is most of an incremental update's
+    # cost at 10k files. As with rglob, links to files count and links to folders are not entered, nor are
+    # hidden folders. Sorted as Paths sort (part by part), so the order, and every store built from it, is
+    # unchanged.
+    found = []
+    for top, dirs, names in os.walk(class_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(top, n) for n in names if not n.startswith(".")]
+    members = [Path(f) for f in sorted(found, key=lambda f: f.split(os.sep)) if os.path.isfile(f)]
     return members, "" if members else "empty class folder"
 
 
@@ -87,10 +92,11 @@ def build(cfg) -> ImageDataset:
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     if not files:
         raise DataError(f"data.root={cfg.root}: no files found")
-    ids = [str(f.relative_to(root)) for f in files]
-    stats = [f.stat() for f in files]
-    key = hash_strings("folder", str(root), *(f"{i}:{s.st_size}:{s.st_mtime_ns}" for i, s in zip(ids, stats)))
     paths = [str(f) for f in files]
+    prefix = len(os.path.join(str(root), ""))  # every file was listed under root: its id is the rest
+    ids = [p[prefix:] for p in paths]
+    stats = [os.stat(p) for p in paths]
+    key = hash_strings("folder", str(root), *(f"{i}:{s.st_size}:{s.st_mtime_ns}" for i, s in zip(ids, stats)))
     return ImageDataset(
         name=f"folder:{root.name}",
         ids=ids,
