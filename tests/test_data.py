@@ -107,3 +107,21 @@ def test_caltech101_through_tfds_mock_data():
 def test_caltech101_not_prepared_is_one_line_error(tmp_path):
     with pytest.raises(DataError, match="not prepared"):
         build_dataset(DataConfig(name="caltech101", tfds_data_dir=str(tmp_path)))
+
+
+def test_folder_listing_order_hidden_entries_and_links(tmp_path):
+    """Which files a folder lists, and in what order (its ids and so every store's row order): Path order
+    (part by part, so `a b.jpg` < `a-b/q.jpg` < `a.jpg`), nothing hidden, links to files kept, links to
+    folders not entered, a dangling link left out."""
+    for name in ["c1/x.jpg", "c1/.h.jpg", "c1/.hid/y.jpg", "c1/sub/z.jpg", "c1/sub/deeper/w.jpg", "c1/a-b/q.jpg",
+                 "c1/a b.jpg", "c1/a.jpg", "c2/B.jpg", "c2/a.jpg"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "c2" / "folder_link").symlink_to(tmp_path / "c1" / "sub")
+    (tmp_path / "c2" / "file_link.jpg").symlink_to(tmp_path / "c1" / "x.jpg")
+    (tmp_path / "c2" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    ds = build_dataset(DataConfig(name="folder", root=str(tmp_path)))
+    assert ds.ids == ["c1/a b.jpg", "c1/a-b/q.jpg", "c1/a.jpg", "c1/sub/deeper/w.jpg", "c1/sub/z.jpg", "c1/x.jpg",
+                      "c2/B.jpg", "c2/a.jpg", "c2/file_link.jpg"]
+    assert list(ds.labels) == [0] * 6 + [1] * 3
+    assert ds.paths == [str(tmp_path.resolve() / i) for i in ds.ids]
