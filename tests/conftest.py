@@ -36,9 +36,9 @@ def pytest_configure(config):
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         # A size limit turns on JAX's file lock, so concurrent processes never read a half-written entry.
         os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
-    import jax  # after XLA_FLAGS and the cache settings above
+        import jax  # after XLA_FLAGS and the cache settings above
 
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     config._cbir_jax_features = str(Path(folder) / "features")
 
 

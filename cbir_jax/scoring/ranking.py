@@ -286,10 +286,9 @@ def score_all(
     """Every gallery score for each query, (B, N): what evaluation needs for full-ranking metrics."""
     rows, shared = state
     n = _num_rows(rows)
-    if not scorer.chunkable:
-        return scorer.score(rows, shared, queries, self_index)
-    chunk = chunk_rows(n, queries.shape[0], _row_bytes(rows), chunk, scorer.scratch_per_row)
-    if chunk == n:  # one step, the gallery read in place
+    if scorer.chunkable:
+        chunk = chunk_rows(n, queries.shape[0], _row_bytes(rows), chunk, scorer.scratch_per_row)
+    if not scorer.chunkable or chunk == n:  # one step, the gallery read in place
         return scorer.score(rows, shared, queries, self_index).astype(jnp.float32)
     _, actual = _chunk_starts(n, chunk)
 

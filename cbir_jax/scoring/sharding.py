@@ -131,8 +131,7 @@ def sharded_top_k(
     # Host values every process holds alike -> global replicated arrays (works on one or many hosts).
     queries = jax.make_array_from_process_local_data(replicated, queries, queries.shape)
     self_index = jax.make_array_from_process_local_data(replicated, self_index, self_index.shape)
-    per_shard = ids.shape[0] // mesh.devices.size
-    return _sharded_top_k(scorer, mesh, rows, shared, ids, queries, self_index, k=k, chunk=None if chunk is None else min(chunk, per_shard),
+    return _sharded_top_k(scorer, mesh, rows, shared, ids, queries, self_index, k=k, chunk=chunk,
                           exclude_self=exclude_self)
 
 
